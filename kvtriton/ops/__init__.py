@@ -1,0 +1,16 @@
+"""Paged KV-cache ops (Triton kernels with plain-PyTorch references), in vLLM/FlashInfer conventions.
+
+Public names and argument order are a stable contract; see each function's docstring for shapes.
+"""
+
+from ._backend import backend, debug_checks, use_triton
+from .append import append_kv
+from .attention import paged_decode_attention
+from .compact import compact_tokens
+from .gather import gather_blocks, gather_kv, scatter_blocks
+from .move import copy_blocks, move_blocks
+
+__all__ = [
+    "append_kv", "gather_kv", "gather_blocks", "scatter_blocks", "move_blocks", "copy_blocks",
+    "compact_tokens", "paged_decode_attention", "backend", "debug_checks", "use_triton",
+]

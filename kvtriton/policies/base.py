@@ -1,0 +1,99 @@
+"""The eviction-policy interface and its registry.
+
+Policies know nothing of tensors: keys (block ids or block hashes) in, victims out. A key is *resident*
+from ``insert`` until it is returned by ``victim`` or passed to ``remove``. A resident key may be
+*pinned* (in use by a running sequence: never a victim) and *unpinned* again; a policy keeps a pinned
+key's history (recency, frequency, ARC list) so that releasing a block does not reset it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar, Hashable
+
+Key = Hashable
+
+_REGISTRY: dict[str, type["EvictionPolicy"]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+class EvictionPolicy(ABC):
+    """Base class of every eviction policy.
+
+    Costs: ``insert``, ``access``, ``remove``, ``pin``, ``unpin`` and ``victim`` are O(1) or O(log n).
+    """
+
+    name: ClassVar[str] = "base"
+    weighs_size: ClassVar[bool] = False  # True where ``size`` changes the policy's choices
+
+    @abstractmethod
+    def insert(self, key: Key, size: int = 1) -> None:
+        """``key`` (not resident) becomes resident and evictable, weighing ``size`` units."""
+
+    @abstractmethod
+    def access(self, key: Key) -> None:
+        """A hit on resident ``key`` (pinned or not)."""
+
+    @abstractmethod
+    def remove(self, key: Key) -> None:
+        """Resident ``key`` leaves the cache other than as a victim (freed, invalidated)."""
+
+    @abstractmethod
+    def victim(self) -> Key:
+        """Choose an unpinned resident key, make it non-resident and return it.
+
+        Raises ``LookupError`` when no key is evictable."""
+
+    @abstractmethod
+    def pin(self, key: Key) -> None:
+        """Resident ``key`` is in use: it is not a victim until ``unpin``."""
+
+    @abstractmethod
+    def unpin(self, key: Key) -> None:
+        """Pinned ``key`` is evictable again."""
+
+    @abstractmethod
+    def __contains__(self, key: Key) -> bool:
+        """Whether ``key`` is resident."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of resident keys, pinned or not."""
+
+    @property
+    @abstractmethod
+    def num_evictable(self) -> int:
+        """Number of resident, unpinned keys."""
+
+
+def register_policy(name: str, *aliases: str) -> Callable[[type[EvictionPolicy]], type[EvictionPolicy]]:
+    """Class decorator: register a policy under ``name`` (and ``aliases``) for ``make_policy``."""
+
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        for a in aliases:
+            _ALIASES[a] = name
+        return cls
+
+    return deco
+
+
+def available_policies(include_aliases: bool = False) -> list[str]:
+    names = sorted(_REGISTRY)
+    return sorted(names + list(_ALIASES)) if include_aliases else names
+
+
+def canonical_name(name: str) -> str:
+    """The registered name for ``name`` or one of its aliases; ValueError listing the valid names."""
+    key = str(name).lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; valid policies: "
+                         f"{', '.join(available_policies(include_aliases=True))}")
+    return key
+
+
+def make_policy(name: str, **kwargs) -> EvictionPolicy:
+    """Instantiate a registered policy by name or alias (``kwargs`` go to its constructor)."""
+    return _REGISTRY[canonical_name(name)](**kwargs)
