@@ -1,1 +1,441 @@
-from .reference import paged_decode_attention  # replaced by the Triton kernel module
+"""Paged decode attention (flash-decoding over a paged K/V cache) in Triton.
+
+One query token per sequence attends to its sequence's K/V, read block by block through the block table.
+Design, for a memory-bound op on Hopper-class GPUs:
+
+* one program per (sequence, KV head, split): all ``num_q_heads // num_kv_heads`` query heads of a GQA
+  group are processed together, so each K/V byte is read from memory exactly once;
+* each loop iteration loads a tile of ``BLOCK_N`` tokens that spans ``BLOCK_N // block_size`` pages
+  (wide, well-pipelined loads instead of one small page at a time), scores it with ``tl.dot`` and
+  accumulates in float32, with ``log2(e)`` folded into the softmax scale so the softmax uses ``exp2``;
+* split-KV: when ``batch * num_kv_heads`` programs would not fill the GPU, each sequence's context is cut
+  into ``num_splits`` equal runs of tiles; a second, tiny kernel merges the partial ``(max, sum, acc)``
+  triples and writes the output, the log-sum-exp and (optionally) the per-block attention mass;
+* per-block attention mass needs the final log-sum-exp: the first pass stores, per logical block, the
+  probability mass relative to the running max in force when its tile was scored, together with that
+  max; the merge kernel rescales it with ``exp2(max - lse)``. No second read of K.
+
+Block offsets are computed in int64 (``block_id * block_stride`` passes 2^31 in large arenas). The launch
+heuristics live in :func:`decode_launch_config` so they can be tuned in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import reference as _ref
+from ._backend import HAS_TRITON, use_triton
+from ._common import check_block_tables, check_cache, check_same_device, check_tensor, custom_op
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - platforms without triton run the reference only
+    triton = None
+    tl = None
+
+__all__ = ["paged_decode_attention", "decode_launch_config", "DecodeLaunchConfig"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 128
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch heuristics
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecodeLaunchConfig:
+    """Tile sizes and split count of one ``paged_decode_attention`` launch."""
+
+    num_splits: int     # context partitions per (sequence, KV head); 1 = no merge pass
+    block_n: int        # tokens per loop iteration (a multiple of block_size)
+    group_pad: int      # query heads per program, padded to a tl.dot-friendly size
+    num_warps: int
+    num_stages: int
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def decode_launch_config(batch: int, num_kv_heads: int, group: int, head_dim: int, block_size: int,
+                         max_context: int, elem_size: int, num_sms: int,
+                         num_splits: int | None = None) -> DecodeLaunchConfig:
+    """Choose tile sizes and the split-KV factor (all launch heuristics live here).
+
+    ``max_context`` is an upper bound of the tokens any sequence attends to (``max_blocks * block_size``,
+    or the sliding window if smaller), known on the host without a device sync.
+
+    * ``block_n``: 8192 elements of K per tile (64 tokens at head_dim 128, 32 at 256, 128 at 64; half
+      that in float32), at least one page, never more than the context needs.
+    * ``num_warps``: 4 up to 8192-element tiles at head_dim <= 128, else 8. Compiled for sm_90 these
+      use ~110 registers per thread and ~39 KiB of shared memory at ``num_stages=2``, so about
+      ``ctas_per_sm = 4`` programs (2 with 8 warps) are resident per SM.
+    * ``num_stages``: 2 (K/V of the next tile in flight while this one is used) when two stages of K
+      and V fit in 160 KiB of shared memory, else 1.
+    * ``num_splits``: with ``P = batch * num_kv_heads`` programs and ``slots = num_sms * ctas_per_sm``
+      resident ones, a batch that already fills the slots is not split; otherwise the context is cut
+      into ``floor(slots / P)`` splits, so that all programs are resident in a single wave (no tail)
+      and each streams one long contiguous run; every split keeps at least 2 tiles.
+    """
+    tile_elems = 8192 if elem_size <= 2 else 4096
+    block_n = max(16, min(256, tile_elems // head_dim))
+    block_n = max(block_n, block_size)
+    block_n = min(block_n, max(16, block_size, _next_pow2(max_context)))
+    group_pad = max(16, _next_pow2(group))                   # tl.dot needs M >= 16
+    num_warps = 4 if (block_n * head_dim <= 8192 and head_dim <= 128) else 8
+    tile_bytes = 2 * block_n * head_dim * elem_size          # one K and one V tile
+    num_stages = 2 if 2 * tile_bytes <= 160 * 1024 else 1
+    if num_splits is None:
+        ctas_per_sm = 4 if num_warps == 4 else 2
+        slots = max(1, num_sms) * ctas_per_sm
+        programs = max(1, batch * num_kv_heads)
+        tiles = max(1, -(-max_context // block_n))
+        num_splits = 1 if programs >= slots else slots // programs
+        num_splits = max(1, min(num_splits, tiles // 2, _MAX_SPLITS))
+    return DecodeLaunchConfig(int(num_splits), block_n, group_pad, num_warps, num_stages)
+
+
+def _empty(shape, dtype, device):
+    """Allocation of every output and scratch buffer (one place, so tests can poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # the interpreter: small, so heuristics still exercise split-KV on long contexts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_partial_kernel(
+        Q, K, V, BT, SL,
+        O, LSE,                      # final outputs (written when not SPLIT)
+        PM, PL, PACC,                # partials [batch, num_q_heads, num_splits] (+ [.., head_dim])
+        MASS, MREF,                  # per-block partial mass and its reference max [batch, hq, max_blocks]
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_btb,
+        num_kv_heads, max_blocks, num_splits, window,
+        scale_log2,
+        GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLIT: tl.constexpr, WRITE_MASS: tl.constexpr, F32_DOT: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // num_kv_heads
+        kvh = pid % num_kv_heads
+        num_q_heads = num_kv_heads * GROUP
+
+        n = tl.load(SL + b)
+        n = tl.minimum(n, max_blocks * BLOCK_SIZE)       # never read past the block-table row
+        n = tl.maximum(n, 0)
+        start = tl.where(window > 0, tl.maximum(n - window, 0), 0)
+        # Tiles are aligned to BLOCK_N in absolute token positions, so every page lies in exactly one
+        # tile (block_n is a multiple of block_size) and hence in exactly one split.
+        first_tile = start // BLOCK_N
+        last_tile = (n + BLOCK_N - 1) // BLOCK_N
+        tiles_per_split = (last_tile - first_tile + num_splits - 1) // num_splits
+        lo = first_tile + split * tiles_per_split
+        hi = tl.minimum(lo + tiles_per_split, last_tile)
+
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        head = kvh * GROUP + g
+        g_mask = g < GROUP
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
+                    mask=g_mask[:, None], other=0.0)
+
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+        bt_row = BT + b.to(tl.int64) * stride_btb
+        k_head = kvh.to(tl.int64) * stride_kh
+        v_head = kvh.to(tl.int64) * stride_vh
+        for tile in range(lo, hi):
+            t = tile * BLOCK_N + offs_n
+            valid = (t >= start) & (t < n)
+            logical = t // BLOCK_SIZE
+            phys = tl.load(bt_row + logical, mask=t < n, other=0).to(tl.int64)
+            slot = (t % BLOCK_SIZE).to(tl.int64)
+            k = tl.load(K + (phys * stride_kb + slot * stride_kt + k_head)[:, None] + d[None, :],
+                        mask=valid[:, None], other=0.0)
+            if F32_DOT:
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))        # finite: every visited tile has a valid token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + (phys * stride_vb + slot * stride_vt + v_head)[:, None] + d[None, :],
+                        mask=valid[:, None], other=0.0)
+            if F32_DOT:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+            if WRITE_MASS:
+                # Mass of each page of this tile relative to m_new; merged later with exp2(m_new - lse).
+                # Underflow here only drops pages whose true mass is below float32's range anyway.
+                rel = logical - tile * (BLOCK_N // BLOCK_SIZE)
+                row = (b * num_q_heads + head).to(tl.int64) * max_blocks
+                for j in tl.static_range(BLOCK_N // BLOCK_SIZE):
+                    blk = tile * (BLOCK_N // BLOCK_SIZE) + j
+                    pj = tl.sum(tl.where(rel[None, :] == j, p, 0.0), 1)
+                    wmask = g_mask & (blk < max_blocks)
+                    tl.store(MASS + row + blk, pj, mask=wmask)
+                    tl.store(MREF + row + blk, m_new, mask=wmask)
+
+        bh = (b * num_q_heads + head).to(tl.int64)
+        if SPLIT:
+            ps = bh * num_splits + split
+            tl.store(PM + ps, m_i, mask=g_mask)
+            tl.store(PL + ps, l_i, mask=g_mask)
+            tl.store(PACC + ps[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+        else:
+            nonempty = l_i > 0
+            inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
+            out = acc * inv[:, None]
+            tl.store(O + bh[:, None] * HEAD_DIM + d[None, :], out.to(O.dtype.element_ty),
+                     mask=g_mask[:, None])
+            lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+                           float("-inf"))
+            tl.store(LSE + bh, lse, mask=g_mask)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        SL, PM, PL, PACC, O, LSE, MASS, MREF,
+        num_q_heads, num_splits, max_blocks, window,
+        HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_B: tl.constexpr, WRITE_MASS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        bh = b.to(tl.int64) * num_q_heads + tl.program_id(1)
+        d = tl.arange(0, HEAD_DIM)
+        sp = tl.arange(0, SPLITS_PAD)
+        base = bh * num_splits
+        m_all = tl.load(PM + base + sp, mask=sp < num_splits, other=float("-inf"))
+        l_all = tl.load(PL + base + sp, mask=sp < num_splits, other=0.0)
+        m = tl.max(m_all, 0)
+        nonempty = m > float("-inf")                      # every split empty: zeros and lse = -inf
+        m_safe = tl.where(nonempty, m, 0.0)
+        w_all = tl.where(m_all > float("-inf"), tl.exp2(m_all - m_safe), 0.0)
+        l = tl.sum(l_all * w_all, 0)
+        nonempty = nonempty & (l > 0)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for s in range(num_splits):
+            ms = tl.load(PM + base + s)
+            w = tl.where(ms > float("-inf"), tl.exp2(ms - m_safe), 0.0)
+            acc += w * tl.load(PACC + (base + s) * HEAD_DIM + d)
+        inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l, 1.0), 0.0)
+        tl.store(O + bh * HEAD_DIM + d, (acc * inv).to(O.dtype.element_ty))
+        lse2 = tl.where(nonempty, m_safe + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
+        tl.store(LSE + bh, lse2 * 0.6931471805599453)
+
+        if WRITE_MASS:
+            n = tl.load(SL + b)
+            n = tl.maximum(tl.minimum(n, max_blocks * BLOCK_SIZE), 0)
+            start = tl.where(window > 0, tl.maximum(n - window, 0), 0)
+            blk_lo = start // BLOCK_SIZE
+            blk_hi = tl.where(n > start, (n + BLOCK_SIZE - 1) // BLOCK_SIZE, blk_lo)
+            row = bh * max_blocks
+            for c in range(0, max_blocks, BLOCK_B):
+                blk = c + tl.arange(0, BLOCK_B)
+                live = (blk >= blk_lo) & (blk < blk_hi)
+                pm = tl.load(MASS + row + blk, mask=live, other=0.0)
+                mr = tl.load(MREF + row + blk, mask=live, other=0.0)
+                val = tl.where(live, pm * tl.exp2(mr - tl.where(nonempty, lse2, 0.0)), 0.0)
+                tl.store(MASS + row + blk, val, mask=blk < max_blocks)
+
+
+def _launch(q, key_cache, value_cache, block_tables, seq_lens, scale, window, want_mass,
+            num_splits_override):
+    batch, hq, d = q.shape
+    _, block_size, hkv, _ = key_cache.shape
+    max_blocks = block_tables.shape[1]
+    group = hq // hkv
+    max_context = max_blocks * block_size
+    if window > 0:
+        max_context = min(max_context, window + block_size)
+    cfg = decode_launch_config(batch, hkv, group, d, block_size, max_context, q.element_size(),
+                               _device_sms(q.device), num_splits_override)
+    dev = q.device
+    out = _empty((batch, hq, d), q.dtype, dev)
+    lse = _empty((batch, hq), torch.float32, dev)
+    mass = _empty((batch, hq, max_blocks if want_mass else 0), torch.float32, dev)
+    if batch == 0 or hq == 0:
+        return out, lse, mass
+    split = cfg.num_splits > 1 or want_mass
+    if split:
+        pm = _empty((batch, hq, cfg.num_splits), torch.float32, dev)
+        pl = _empty((batch, hq, cfg.num_splits), torch.float32, dev)
+        pacc = _empty((batch, hq, cfg.num_splits, d), torch.float32, dev)
+    else:
+        pm = pl = pacc = lse  # unused placeholders
+    mref = _empty(mass.shape, torch.float32, dev) if want_mass else lse
+    mass_arg = mass if want_mass else lse
+    grid = (batch * hkv, cfg.num_splits)
+    _decode_partial_kernel[grid](
+        q, key_cache, value_cache, block_tables, seq_lens,
+        out, lse, pm, pl, pacc, mass_arg, mref,
+        q.stride(0), q.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables.stride(0),
+        hkv, max_blocks, cfg.num_splits, window,
+        float(scale) * _LOG2E,
+        GROUP=group, G_PAD=cfg.group_pad, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
+        SPLIT=split, WRITE_MASS=want_mass,
+        # float32 needs IEEE products (TF32 would miss 1e-5); the interpreter's 16-bit dot is unreliable.
+        F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        _decode_merge_kernel[(batch, hq)](
+            seq_lens, pm, pl, pacc, out, lse, mass_arg, mref,
+            hq, cfg.num_splits, max_blocks, window,
+            HEAD_DIM=d, SPLITS_PAD=max(2, _next_pow2(cfg.num_splits)), BLOCK_SIZE=block_size,
+            BLOCK_B=128, WRITE_MASS=want_mass,
+            num_warps=4 if d >= 128 else 2,
+        )
+    return out, lse, mass
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------------
+
+@custom_op("paged_decode_attention", mutates_args=())
+def _paged_decode_attention_op(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                               sliding_window: int, return_block_mass: bool,
+                               num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    window = int(sliding_window)
+    if use_triton(q):
+        return _launch(q, key_cache, value_cache, block_tables, seq_lens, scale, window,
+                       return_block_mass, num_splits if num_splits > 0 else None)
+    # Reference path: float64 for float32 inputs (exact to the 1e-5 contract), float32 otherwise.
+    compute = torch.float64 if q.dtype == torch.float32 else torch.float32
+    out, lse, mass = _ref.paged_decode_attention(
+        q, key_cache, value_cache, block_tables, seq_lens, scale=scale,
+        sliding_window=window if window > 0 else None, return_lse=True, return_block_mass=True,
+        compute_dtype=compute)
+    if not return_block_mass:
+        mass = mass.new_empty((q.shape[0], q.shape[1], 0))
+    return out.contiguous(), lse.contiguous(), mass.contiguous()
+
+
+@_paged_decode_attention_op.register_fake
+def _(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, return_block_mass,
+      num_splits):
+    batch, hq, d = q.shape
+    mb = block_tables.shape[1] if return_block_mass else 0
+    return (q.new_empty((batch, hq, d)),
+            q.new_empty((batch, hq), dtype=torch.float32),
+            q.new_empty((batch, hq, mb), dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation and the public entry point
+# ----------------------------------------------------------------------------------------------------
+
+def _validate(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, num_splits):
+    check_tensor("q", q, ndim=3, dtypes=_DTYPES)
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        check_cache(name, t)
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
+    if value_cache.shape != key_cache.shape:
+        raise ValueError(f"value_cache shape {tuple(value_cache.shape)} must equal key_cache shape "
+                         f"{tuple(key_cache.shape)}")
+    check_same_device(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                      seq_lens=seq_lens)
+    batch, hq, d = q.shape
+    num_blocks, block_size, hkv, dk = key_cache.shape
+    if dk != d:
+        raise ValueError(f"q head_dim {d} must equal the cache head_dim {dk}")
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two in [16, 256] (e.g. 64, 128, 256), got {d}")
+    if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
+        raise ValueError(f"block_size (key_cache.shape[1]) must be a power of two in [1, 256], got {block_size}")
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"num_q_heads ({hq}) must be a positive multiple of num_kv_heads ({hkv})")
+    if hq // hkv > 128:
+        raise ValueError(f"num_q_heads // num_kv_heads must be at most 128, got {hq // hkv}")
+    if block_tables.dim() == 2 and block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [batch={batch}, max_blocks], got shape {tuple(block_tables.shape)}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or scale <= 0:
+            raise ValueError(f"scale must be a finite float > 0 (or None for 1/sqrt(head_dim)), got {scale!r}")
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+            raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
+    if num_splits is not None:
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= _MAX_SPLITS:
+            raise ValueError(f"num_splits must be an int in [1, {_MAX_SPLITS}] or None, got {num_splits!r}")
+    # Shapes and dtypes always; index values where that needs no device sync (CPU, or debug checks).
+    check_block_tables(block_tables, seq_lens, block_size=block_size, num_blocks=num_blocks, device=q.device)
+
+
+def paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, *, scale=None,
+                           sliding_window=None, return_lse=False, return_block_mass=False,
+                           num_splits=None):
+    """Decode attention of one query token per sequence over a paged K/V cache.
+
+    Args:
+        q: ``[batch, num_q_heads, head_dim]`` float16/bfloat16/float32.
+        key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, q's dtype, any
+            stride on the block dimension (e.g. views into an arena), contiguous last dimension.
+        block_tables: int32 ``[batch, max_blocks]`` (int64 accepted), physical block of each logical
+            block; entries past a sequence's length are never read.
+        seq_lens: int32 ``[batch]`` (int64 accepted), tokens per sequence (0 gives a zero output and lse = -inf).
+        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        sliding_window: attend only to the last ``sliding_window`` tokens.
+        return_lse: also return float32 ``[batch, num_q_heads]`` natural-log log-sum-exp of the scores.
+        return_block_mass: also return float32 ``[batch, num_q_heads, max_blocks]``, the softmax
+            probability summed over each logical block's tokens.
+        num_splits: force the split-KV factor (default: chosen by :func:`decode_launch_config`).
+
+    Returns ``out`` ``[batch, num_q_heads, head_dim]`` in q's dtype, or ``(out, lse?, block_mass?)``.
+    """
+    _validate(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, num_splits)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    seq_lens = seq_lens.contiguous()
+    out, lse, mass = torch.ops.kvtriton.paged_decode_attention(
+        q, key_cache, value_cache, block_tables, seq_lens, float(scale),
+        0 if sliding_window is None else int(sliding_window), bool(return_block_mass),
+        0 if num_splits is None else int(num_splits))
+    extra = []
+    if return_lse:
+        extra.append(lse)
+    if return_block_mass:
+        extra.append(mass)
+    return (out, *extra) if extra else out

@@ -1,0 +1,20 @@
+"""Eviction policies, one small class per file behind one interface, registered by name.
+
+``make_policy("lru")``; ``available_policies()`` lists the names (``include_aliases=True`` adds
+``gdsf`` and ``arc``).
+"""
+
+from .base import EvictionPolicy, Key, available_policies, canonical_name, make_policy, register_policy
+from .lru import LRUPolicy
+from .fifo import FIFOPolicy
+from .lfu import LFUPolicy
+from .gdsf import GDSFPolicy
+from .arc import ARCPolicy
+from .s3fifo import S3FIFOPolicy
+from .sieve import SievePolicy
+from .belady import BeladyPolicy
+from .prefix_aware import PrefixAwarePolicy
+
+__all__ = ["EvictionPolicy", "Key", "available_policies", "canonical_name", "make_policy", "register_policy",
+           "LRUPolicy", "FIFOPolicy", "LFUPolicy", "GDSFPolicy", "ARCPolicy", "S3FIFOPolicy", "SievePolicy",
+           "BeladyPolicy", "PrefixAwarePolicy"]

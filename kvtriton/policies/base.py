@@ -65,6 +65,32 @@ class EvictionPolicy(ABC):
     def num_evictable(self) -> int:
         """Number of resident, unpinned keys."""
 
+    # Optional hooks. The defaults are built from the methods above; policies override them with fused
+    # versions because the replay engines call them once per block reference.
+
+    def access_and_pin(self, key: Key) -> None:
+        """A hit on resident ``key`` by a sequence that now holds it: ``access`` then ``pin``."""
+        self.access(key)
+        self.pin(key)
+
+    def insert_and_pin(self, key: Key, size: int = 1) -> None:
+        """``key`` becomes resident already held by a sequence: ``insert`` then ``pin``."""
+        self.insert(key, size)
+        self.pin(key)
+
+    def unpin_many(self, keys) -> None:
+        """``unpin`` each of ``keys`` in the order given (the first becomes evictable first)."""
+        for key in keys:
+            self.unpin(key)
+
+    def on_request(self, keys, num_hit: int, request=None) -> None:
+        """Context a KV cache knows and a generic cache does not, given before a request's blocks are
+        accessed or inserted: ``keys`` its block keys in prefix order, ``num_hit`` how many leading
+        ones are resident, ``request`` the record (or None). Policies that ignore it need not override."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(resident={len(self)}, evictable={self.num_evictable})"
+
 
 def register_policy(name: str, *aliases: str) -> Callable[[type[EvictionPolicy]], type[EvictionPolicy]]:
     """Class decorator: register a policy under ``name`` (and ``aliases``) for ``make_policy``."""

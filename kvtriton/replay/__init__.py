@@ -1,0 +1,5 @@
+"""Replay engines: the fast prefix-cache replay (hit rates, miss-ratio curves)."""
+
+from .fast import miss_ratio_curve, simulate
+
+__all__ = ["miss_ratio_curve", "simulate"]

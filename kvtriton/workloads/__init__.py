@@ -1,0 +1,63 @@
+"""Request streams: the Mooncake trace loader, seeded synthetic generators and a registry by name.
+
+``make_workload(name, **kwargs)`` builds any of them by name (the names configs use):
+
+- ``mooncake_conversation`` / ``mooncake_synthetic``: the Mooncake traces. ``path`` (a file) or
+  ``traces_dir`` (the folder holding ``conversation_trace.jsonl`` and ``synthetic_trace.jsonl``; default:
+  ``$KVTRITON_TRACES``, else ``../shared/traces/mooncake``), ``limit`` (first N requests).
+- ``zipf``: ``zipf_prefix_workload``; ``multiturn``: ``multiturn_workload``; ``design_mix``:
+  ``design_mix_workload`` (their keyword arguments pass through).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .mooncake import load_mooncake
+from .request import Request
+from .synthetic import design_cache_tokens, design_mix_workload, multiturn_workload, zipf_prefix_workload
+
+DEFAULT_TRACES_DIR = "../shared/traces/mooncake"
+_TRACE_FILES = {"mooncake_conversation": "conversation_trace.jsonl",
+                "mooncake_synthetic": "synthetic_trace.jsonl"}
+
+
+def _mooncake(name):
+    def load(path=None, traces_dir=None, limit=None):
+        if path is None:
+            folder = traces_dir or os.environ.get("KVTRITON_TRACES", DEFAULT_TRACES_DIR)
+            path = Path(folder) / _TRACE_FILES[name]
+        return load_mooncake(path, limit=limit)
+
+    load.__doc__ = f"Load the Mooncake {_TRACE_FILES[name]} (``path`` or ``traces_dir``, ``limit``)."
+    return load
+
+
+WORKLOADS = {
+    "mooncake_conversation": _mooncake("mooncake_conversation"),
+    "mooncake_synthetic": _mooncake("mooncake_synthetic"),
+    "zipf": zipf_prefix_workload,
+    "multiturn": multiturn_workload,
+    "design_mix": design_mix_workload,
+}
+
+
+def available_workloads() -> list[str]:
+    return sorted(WORKLOADS)
+
+
+def make_workload(name: str, **kwargs) -> list[Request]:
+    """Build the workload registered as ``name`` (see ``available_workloads()``) with ``kwargs``.
+
+    Unknown names raise ValueError listing the valid ones. Synthetic workloads need their size
+    (``num_requests``, or ``num_sessions`` for ``multiturn``).
+    """
+    key = str(name).lower().replace("-", "_")
+    if key not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; valid workloads: {', '.join(available_workloads())}")
+    return WORKLOADS[key](**kwargs)
+
+
+__all__ = ["Request", "load_mooncake", "zipf_prefix_workload", "multiturn_workload", "design_mix_workload",
+           "design_cache_tokens", "make_workload", "available_workloads", "WORKLOADS"]

@@ -1,0 +1,155 @@
+"""Weights & Biases logging of one run, and a reader for offline runs' local files.
+
+Mode: ``logger.mode`` when it is online/offline/disabled; with ``auto``, ``$WANDB_MODE`` when set, else
+online when credentials exist (``$WANDB_API_KEY`` or a netrc entry for the W&B host), else offline.
+The run's files go under its Hydra output directory (``<run_dir>/wandb/``).
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+
+def resolve_mode(mode: str) -> str:
+    mode = getattr(mode, "value", mode)
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    return "online" if has_credentials() else "offline"
+
+
+def has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def log_run(lcfg, *, run_dir: Path, resolved: Mapping, name: str, group: str | None,
+            metrics: Mapping, series: list[dict] | None, tables: Mapping | None,
+            result_files: Iterable[Path] = (), job_type: str = "replay") -> dict:
+    """Create a W&B run, log the series (one ``wandb.log`` per point, ``step`` as W&B's step), the summary
+    metrics and the results as an artifact; return ``{"mode", "run_id", "dir"}``."""
+    import wandb
+
+    mode = resolve_mode(lcfg.mode)
+    if mode == "disabled":
+        return {"mode": mode, "run_id": None, "dir": None}
+    run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=group, name=name, job_type=job_type,
+                     config=dict(resolved), tags=list(lcfg.tags or []), dir=str(run_dir), mode=mode,
+                     reinit="finish_previous")
+    try:
+        if series:
+            for i, point in enumerate(series):
+                row = {k: v for k, v in point.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                run.log(row, step=int(point.get("step", i)))
+        run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
+        if lcfg.log_artifacts:
+            art = wandb.Artifact(name=f"results-{run.id}", type="results",
+                                 metadata={"config_hash": resolved.get("_config_hash")})
+            for f in result_files:
+                if Path(f).is_file():
+                    art.add_file(str(f))
+            summary_cols = sorted(k for k, v in metrics.items() if isinstance(v, (int, float, str, bool)))
+            art.add(wandb.Table(columns=summary_cols, data=[[metrics[c] for c in summary_cols]]), "summary")
+            for tname, rows in (tables or {}).items():
+                if rows:
+                    cols = sorted({k for r in rows for k in r})
+                    data = [[_cell(r.get(c)) for c in cols] for r in rows]
+                    art.add(wandb.Table(columns=cols, data=data), tname)
+            run.log_artifact(art)
+        info = {"mode": mode, "run_id": run.id, "dir": str(Path(run.dir).parent)}
+    finally:
+        run.finish()
+    return info
+
+
+def _cell(v):
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return v
+
+
+# ---------------------------------------------------------------------------------- offline reader
+
+_BLOCK = 32768
+_HEADER = 7  # checksum u32, length u16, type u8
+
+
+def _records(path: Path):
+    data = Path(path).read_bytes()
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
+    if ident != b":W&B" or magic != 0xBEE1:
+        raise ValueError(f"{path} is not a W&B transaction log")
+    pos, buf = 7, b""
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # the rest of a block too short for a header is padding
+            pos += left
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        pos += _HEADER
+        if kind == 0 and n == 0:
+            pos += left - _HEADER
+            continue
+        chunk = data[pos:pos + n]
+        pos += n
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            yield buf + chunk
+            buf = b""
+
+
+def _item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def read_offline_run(path) -> dict[str, Any]:
+    """The history, summary and config of a run from its local transaction log.
+
+    ``path``: a ``.wandb`` file, an ``offline-run-*`` directory, or a directory holding ``wandb/``.
+    Returns ``{"run_id", "history": [dict per step], "summary": dict, "config": dict, "artifacts": [names]}``.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.wandb"))
+        if not files:
+            raise FileNotFoundError(f"no .wandb transaction log under {path}")
+        path = files[-1]
+    out = {"run_id": None, "history": [], "summary": {}, "config": {}, "artifacts": []}
+    for raw in _records(path):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["run_id"] = rec.run.run_id
+            for item in rec.run.config.update:
+                out["config"][_item_key(item)] = json.loads(item.value_json)
+        elif kind == "history":
+            out["history"].append({_item_key(i): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "summary":
+            for item in rec.summary.update:
+                out["summary"][_item_key(item)] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in rec.config.update:
+                out["config"][_item_key(item)] = json.loads(item.value_json)
+        elif kind == "artifact":
+            out["artifacts"].append(rec.artifact.name)
+    return out

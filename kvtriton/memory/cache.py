@@ -1,0 +1,136 @@
+"""VirtualKVCache: one sequence's handle on its blocks in a CachePool."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from .. import ops
+from ..errors import CacheReleasedError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pool import CachePool
+
+
+class VirtualKVCache:
+    """The block table of one sequence: ``seq_len`` tokens in ``block_ids`` (logical block ``i`` holds
+    tokens ``[i*block_size, (i+1)*block_size)``). Created by :meth:`CachePool.request`.
+
+    ``append`` allocates blocks as needed (copy-on-write of a shared last block), ``fork`` shares every
+    block, ``release`` gives them back. After release every use raises CacheReleasedError.
+    """
+
+    __slots__ = ("pool", "cache_id", "_blocks", "_seq_len", "max_tokens", "num_cached_tokens", "_hashes",
+                 "_tail", "_released", "__weakref__")
+
+    def __init__(self, pool: "CachePool", cache_id: int, blocks: list[int], seq_len: int,
+                 max_tokens: int | None, num_cached_tokens: int, hashes, tail):
+        self.pool = pool
+        self.cache_id = cache_id
+        self._blocks = blocks
+        self._seq_len = seq_len
+        self.max_tokens = max_tokens
+        self.num_cached_tokens = num_cached_tokens
+        self._hashes = hashes
+        self._tail = tail
+        self._released = False
+
+    def _alive(self) -> None:
+        if self._released:
+            raise CacheReleasedError(f"cache {self.cache_id} of pool {self.pool.name!r} was released")
+
+    # ---------------------------------------------------------------- state
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @property
+    def seq_len(self) -> int:
+        self._alive()
+        return self._seq_len
+
+    @property
+    def num_blocks(self) -> int:
+        self._alive()
+        return len(self._blocks)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """A copy of the block table as Python ints (block ids index the pool's views)."""
+        self._alive()
+        return list(self._blocks)
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """int32 ``[num_blocks]`` on the pool's device."""
+        self._alive()
+        return torch.tensor(self._blocks, dtype=torch.int32).to(self.pool.device)
+
+    @property
+    def block_hashes(self) -> list:
+        """Hashes of the leading blocks known to the prefix cache's hashing (may be shorter)."""
+        self._alive()
+        return list(self._hashes or ())
+
+    def slot_mapping(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """int64 ``[end - start]`` cache slots (``block * block_size + offset``) of tokens ``[start, end)``
+        (``end`` defaults to ``seq_len``) on the pool's device."""
+        self._alive()
+        n = self._seq_len
+        end = n if end is None else end
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n):
+            raise IndexError(f"need 0 <= start <= end <= seq_len={n}, got start={start!r}, end={end!r}")
+        bs = self.pool.block_size
+        pos = torch.arange(start, end, dtype=torch.int64)
+        table = torch.tensor(self._blocks, dtype=torch.int64) if self._blocks else torch.zeros(0, dtype=torch.int64)
+        slots = table[pos // bs] * bs + pos % bs if end > start else pos
+        return slots.to(self.pool.device)
+
+    # ---------------------------------------------------------------- operations
+    def append(self, num_tokens: int = 1, token_ids: Sequence[int] | None = None) -> None:
+        """Grow by ``num_tokens`` tokens (their K/V to be written by the caller, e.g. ``write_kv``).
+
+        ``token_ids`` (only for caches requested with ``token_ids``) extend the prefix hashing: blocks
+        that become full are registered in the prefix cache. Raises ValueError past ``max_tokens``,
+        PoolExhaustedError when the pool is full; either way the cache is unchanged.
+        """
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if token_ids is not None:
+            token_ids = list(token_ids)
+            if len(token_ids) != num_tokens:
+                raise ValueError(f"token_ids has {len(token_ids)} entries, num_tokens={num_tokens}")
+        self._alive()
+        self.pool._append(self, num_tokens, token_ids)
+
+    def fork(self) -> "VirtualKVCache":
+        """A new cache sharing every block (reference counts +1); the first write to a shared block
+        copies it (copy-on-write)."""
+        return self.pool._fork(self)
+
+    def release(self) -> None:
+        """Same as ``pool.release(self)``."""
+        self.pool.release(self)
+
+    def write_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor, start: int) -> None:
+        """Write ``key``/``value`` ``[num_tokens, H, D]`` for tokens ``[start, start + num_tokens)`` of
+        ``layer`` with ``ops.append_kv`` (the tokens must already be in ``seq_len``)."""
+        k_cache, v_cache = self.pool.kv(layer)
+        slots = self.slot_mapping(start, start + key.shape[0])
+        ops.append_kv(key, value, k_cache, v_cache, slots)
+
+    def read_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of ``(key, value)`` ``[seq_len, H, D]`` of ``layer`` (plain indexing; for checks)."""
+        k_cache, v_cache = self.pool.kv(layer)
+        slots = self.slot_mapping()
+        bs = self.pool.block_size
+        blk, off = slots // bs, slots % bs
+        return k_cache[blk, off].clone(), v_cache[blk, off].clone()
+
+    def __len__(self) -> int:
+        return self.seq_len
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else f"seq_len={self._seq_len}, blocks={len(self._blocks)}"
+        return f"VirtualKVCache(pool={self.pool.name!r}, id={self.cache_id}, {state})"

@@ -1,0 +1,863 @@
+"""One model's block pool over a shared device arena (vLLM's block pool, kvcached's elastic pages).
+
+Block ids index ONE strided view of the whole arena for this pool::
+
+    view = arena.buffer[: n * B].view(spec.dtype).view(n, L, 2, block_size, H, D)   # n = arena_bytes // B
+
+so block ``i`` is the byte range ``[i*B, (i+1)*B)`` and per layer ``K = view[:, l, 0]``,
+``V = view[:, l, 1]`` are the NHD caches ``[n, block_size, H, D]`` the kernels take (block stride
+``L*2*block_size*H*D`` elements, no copies). A block is *usable* when every chunk it overlaps is held
+by this pool; pools of different models (different ``B``) share one arena this way.
+
+A usable block is in exactly one state: *free* (on the free list), *used* (reference count > 0) or
+*cached* (reference count 0 but registered in the prefix cache under its block hash: evictable, in
+the order the pool's policy chooses). ``free + used + cached == capacity`` at all times.
+
+Locking: every public method takes the pool's lock; growing and shrinking then take the arena's lock
+(a leaf lock: the arena never calls back). The allocator takes its own lock before either. Order:
+allocator lock -> pool lock -> arena lock. No method holds two pool locks at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..errors import CacheReleasedError, PoolExhaustedError
+from ..policies.base import EvictionPolicy, make_policy
+from ..spec import ModelSpec, get_spec
+from ..telemetry import Instrumentation
+from .arena import FREE, Arena
+from .cache import VirtualKVCache
+from .hashing import block_hashes_from_tokens, hash_block_tokens
+from .stats import LatencyRecorder, ratio
+
+
+def _check_count(name: str, v, minimum: int = 0) -> int:
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return int(v)
+
+
+class CachePool:
+    """One model's KV blocks: allocation, reference counts, copy-on-write, prefix cache, eviction,
+    and elastic growth and shrinking over an :class:`Arena`.
+
+    Usually created by :meth:`GPUMemoryAllocator.create_pool`. ``policy`` is a registered policy name
+    (``kvtriton.policies``) or an :class:`EvictionPolicy` instance; its keys are block hashes, which
+    stay the same when a block moves. ``initial_chunks`` are claimed now; ``max_chunks`` bounds the
+    chunks held (None: the whole arena); each growth claims at least ``grow_chunks`` chunks.
+    Growth comes before eviction: a pool takes free arena chunks while it may, then evicts.
+    """
+
+    def __init__(self, name: str, spec, arena: Arena, policy="lru", *, pool_id: int = 0,
+                 initial_chunks: int = 0, max_chunks: int | None = None, grow_chunks: int = 1,
+                 policy_kwargs: dict | None = None, tracer_provider=None, meter_provider=None,
+                 latency_window: int = 100_000):
+        self.name = str(name)
+        self.spec: ModelSpec = get_spec(spec)
+        self.arena = arena
+        self.device = arena.device
+        self.pool_id = int(pool_id)
+        grow_chunks = _check_count("grow_chunks", grow_chunks, 1)
+        initial_chunks = _check_count("initial_chunks", initial_chunks, 0)
+        if max_chunks is not None:
+            max_chunks = _check_count("max_chunks", max_chunks, 1)
+            if initial_chunks > max_chunks:
+                raise ValueError(f"initial_chunks={initial_chunks} exceeds max_chunks={max_chunks}")
+        if isinstance(policy, EvictionPolicy):
+            self.policy = policy
+        else:
+            self.policy = make_policy(policy, **(policy_kwargs or {}))
+        self.policy_name = getattr(self.policy, "name", type(self.policy).__name__)
+        self.block_size = self.spec.block_size
+        self.block_bytes = self.spec.bytes_per_block
+        self.num_blocks = arena.num_bytes // self.block_bytes
+        if self.num_blocks < 1:
+            raise ValueError(f"a block of model {self.spec.name!r} ({self.block_bytes} bytes) does not fit "
+                             f"in the arena of {arena.num_bytes} bytes")
+        self.max_chunks = max_chunks
+        self.grow_chunks = grow_chunks
+        n, spec = self.num_blocks, self.spec
+        self.view = (arena.buffer[: n * self.block_bytes].view(spec.dtype)
+                     .view(n, spec.num_layers, 2, spec.block_size, spec.num_kv_heads, spec.head_dim))
+        C, B = arena.chunk_bytes, self.block_bytes
+        idx = np.arange(n, dtype=np.int64)
+        self._first_chunk = (idx * B) // C             # chunks overlapped by each block
+        self._last_chunk = ((idx + 1) * B - 1) // C
+        self._usable = np.zeros(n, dtype=bool)
+        self._ref = [0] * n
+        self._hash: list = [None] * n
+        self._free: list[int] = []        # a stack: the most recently freed block is reused first
+        self._cached: dict = {}           # block hash -> block id (prefix cache)
+        self._external: set[int] = set()  # blocks handed out by allocate_blocks
+        self._caches: dict[int, VirtualKVCache] = {}
+        self._next_cache_id = 0
+        self._capacity = 0
+        self._n_used = 0
+        self._n_idle = 0                  # cached blocks with no reference (evictable)
+        self._chunks_held = 0
+        self.lock = threading.Lock()
+        self._closed = False
+        self._reclaim = None              # set by the allocator: frees other pools' empty chunks
+        self._lat = LatencyRecorder(latency_window)
+        self._counters = dict(requests=0, releases=0, forks=0, hit_blocks=0, miss_blocks=0, hit_tokens=0,
+                              evictions=0, cow_copies=0, blocks_moved=0, grows=0, shrinks=0,
+                              chunks_claimed=0, chunks_returned=0, exhausted=0)
+        self._tel = Instrumentation(tracer_provider, meter_provider,
+                                    {"pool": self.name, "device": str(self.device)})
+        self._h_alloc = self._tel.histogram("kvtriton.pool.allocation.duration", "us",
+                                            "Latency of CachePool.request")
+        self._register_metrics()
+        if initial_chunks:
+            with self.lock:
+                got = self._claim_chunks(initial_chunks)
+                if got < initial_chunks:
+                    self._ungrow_all()
+                    raise ValueError(f"initial_chunks={initial_chunks} but only {got} chunks could be "
+                                     f"claimed from the arena of {arena.num_chunks} chunks")
+
+    # ------------------------------------------------------------------ telemetry
+    def _register_metrics(self):
+        ref = weakref.ref(self)
+
+        def reader(keys, scale=1):
+            def read():
+                pool = ref()
+                if pool is None or pool._closed:
+                    return []
+                s = pool.stats()
+                attrs = {"pool": pool.name, "device": str(pool.device)}
+                return [(s[k] * scale, {**attrs, "state": k}) if len(keys) > 1 else (s[k] * scale, attrs)
+                        for k in keys]
+            return read
+
+        t = self._tel
+        t.observe("kvtriton.pool.blocks", "gauge", "{block}", "Blocks by state",
+                  reader(["capacity_blocks", "used_blocks", "cached_blocks", "free_blocks"]))
+        t.observe("kvtriton.pool.utilization", "gauge", "1", "Used over capacity blocks",
+                  reader(["utilization"]))
+        t.observe("kvtriton.pool.fragmentation", "gauge", "1", "Internal and external fragmentation",
+                  reader(["internal_fragmentation", "external_fragmentation"]))
+        t.observe("kvtriton.pool.chunks", "gauge", "{chunk}", "Arena chunks held", reader(["chunks_held"]))
+        for key, desc in (("requests", "Caches requested"), ("releases", "Caches released"),
+                          ("evictions", "Cached blocks evicted"), ("hit_blocks", "Prefix-cache hits"),
+                          ("miss_blocks", "Prefix-cache misses"), ("blocks_moved", "Blocks moved by shrink"),
+                          ("cow_copies", "Copy-on-write block copies")):
+            t.observe(f"kvtriton.pool.{key}", "counter", "1", desc, reader([key]))
+
+    # ------------------------------------------------------------------ views and tensors
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key_cache, value_cache)`` of ``layer``: views ``[num_blocks, block_size, H, D]`` (spec dtype)."""
+        if not isinstance(layer, int) or not 0 <= layer < self.spec.num_layers:
+            raise IndexError(f"layer must be in [0, {self.spec.num_layers}), got {layer!r}")
+        return self.view[:, layer, 0], self.view[:, layer, 1]
+
+    def batch_tensors(self, caches: Sequence[VirtualKVCache], max_blocks: int | None = None):
+        """``(block_tables int32 [batch, max_blocks], seq_lens int32 [batch])`` on the pool's device;
+        rows are padded with block 0 past each cache's blocks."""
+        with self.lock:
+            rows, lens = [], []
+            for c in caches:
+                self._own(c)
+                rows.append(c._blocks)
+                lens.append(c._seq_len)
+        width = max((len(r) for r in rows), default=0)
+        if max_blocks is None:
+            max_blocks = width
+        elif max_blocks < width:
+            raise ValueError(f"max_blocks must be >= {width} (the longest block table), got {max_blocks}")
+        table = torch.zeros(len(rows), max_blocks, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            if r:
+                table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        seq = torch.tensor(lens, dtype=torch.int32)
+        return table.to(self.device), seq.to(self.device)
+
+    # ------------------------------------------------------------------ requests
+    def request(self, num_tokens: int | None = None, *, max_tokens: int | None = None,
+                token_ids: Sequence[int] | None = None,
+                block_hashes: Sequence | None = None) -> VirtualKVCache:
+        """A new cache of ``num_tokens`` tokens (the prompt: ``seq_len == num_tokens`` and its blocks
+        allocated; the caller writes their K/V), growing later by ``append`` up to ``max_tokens``
+        (None: no limit but the pool's).
+
+        Prefix caching: with ``token_ids`` (``num_tokens`` defaults to their count) the full blocks
+        are hashed vLLM-style; or pass ``block_hashes`` (one per block from the first, e.g. expanded
+        Mooncake hash ids). The longest cached prefix is shared (``cache.num_cached_tokens``); the
+        other hashed blocks are registered for later requests. Raises PoolExhaustedError (pool
+        unchanged) when the blocks cannot be found even after growing and evicting.
+        """
+        t0 = time.perf_counter_ns()
+        if (token_ids is None and block_hashes is None and max_tokens is None and type(num_tokens) is int
+                and num_tokens >= 0):
+            # Fast path (no prefix caching, free blocks at hand): no validation left to do.
+            nblocks = -(-num_tokens // self.block_size)
+            cache = None
+            with self.lock:
+                free = self._free
+                if len(free) >= nblocks and not self._closed:
+                    if nblocks:
+                        blocks = free[-nblocks:]
+                        del free[-nblocks:]
+                        blocks.reverse()
+                        ref = self._ref
+                        for b in blocks:
+                            ref[b] = 1
+                        self._n_used += nblocks
+                    else:
+                        blocks = []
+                    cid = self._next_cache_id
+                    self._next_cache_id = cid + 1
+                    cache = VirtualKVCache(self, cid, blocks, num_tokens, None, 0, None, None)
+                    self._caches[cid] = cache
+                    self._counters["requests"] += 1
+            if cache is not None:
+                dt = time.perf_counter_ns() - t0
+                self._lat.add(dt)
+                self._h_alloc.record(dt / 1e3, self._tel.attributes)
+                if self._tel.tracing:
+                    with self._tel.span("kvtriton.allocate", blocks=nblocks, hit_blocks=0,
+                                        bytes=nblocks * self.block_bytes, tokens=num_tokens):
+                        pass
+                return cache
+        try:
+            cache = self._request(num_tokens, max_tokens, token_ids, block_hashes)
+        except PoolExhaustedError:
+            if self._reclaim is None or not self._reclaim(self):
+                raise
+            cache = self._request(num_tokens, max_tokens, token_ids, block_hashes)
+        dt = time.perf_counter_ns() - t0
+        self._lat.add(dt)
+        self._h_alloc.record(dt / 1e3, self._tel.attributes)
+        return cache
+
+    def _request(self, num_tokens, max_tokens, token_ids, block_hashes) -> VirtualKVCache:
+        if token_ids is not None:
+            if block_hashes is not None:
+                raise ValueError("give token_ids or block_hashes, not both")
+            token_ids = list(token_ids)
+            if num_tokens is None:
+                num_tokens = len(token_ids)
+            elif num_tokens != len(token_ids):
+                raise ValueError(f"num_tokens={num_tokens} but {len(token_ids)} token_ids were given")
+        if num_tokens is None:
+            raise ValueError("num_tokens is required (or token_ids)")
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < num_tokens):
+            raise ValueError(f"max_tokens must be an int >= num_tokens={num_tokens}, got {max_tokens!r}")
+        bs = self.block_size
+        nblocks = -(-num_tokens // bs)
+        tail = None
+        if token_ids is not None:
+            hashes = block_hashes_from_tokens(token_ids, bs)
+            tail = token_ids[len(hashes) * bs:]
+        elif block_hashes is not None:
+            hashes = list(block_hashes)
+            if len(hashes) > nblocks:
+                raise ValueError(f"block_hashes has {len(hashes)} entries but num_tokens={num_tokens} "
+                                 f"spans only {nblocks} blocks of {bs}")
+        else:
+            hashes = None
+        with self.lock:
+            if self._closed:
+                raise CacheReleasedError(f"pool {self.name!r} is closed")
+            hits: list[int] = []
+            if hashes:
+                cached = self._cached
+                for h in hashes:
+                    b = cached.get(h)
+                    if b is None:
+                        break
+                    hits.append(b)
+            need = nblocks - len(hits)
+            idle_hits = sum(1 for b in hits if self._ref[b] == 0)
+            self._make_room(need, idle_hits)
+            ref, policy = self._ref, self.policy
+            for b in hits:
+                h = self._hash[b]
+                policy.access(h)
+                if ref[b] == 0:
+                    policy.pin(h)
+                    self._n_idle -= 1
+                    self._n_used += 1
+                ref[b] += 1
+            self._evict_to(need)
+            new = self._pop_free(need)
+            for b in new:
+                ref[b] = 1
+            self._n_used += need
+            blocks = hits + new
+            if hashes:
+                for j in range(len(hits), len(hashes)):
+                    self._register(blocks[j], hashes[j])
+                c = self._counters
+                c["hit_blocks"] += len(hits)
+                c["miss_blocks"] += len(hashes) - len(hits)
+                c["hit_tokens"] += min(len(hits) * bs, num_tokens)
+            cid = self._next_cache_id
+            self._next_cache_id = cid + 1
+            cache = VirtualKVCache(self, cid, blocks, num_tokens, max_tokens,
+                                   min(len(hits) * bs, num_tokens), hashes, tail)
+            self._caches[cid] = cache
+            self._counters["requests"] += 1
+        if self._tel.tracing:
+            with self._tel.span("kvtriton.allocate", blocks=len(blocks), hit_blocks=len(hits),
+                                bytes=len(blocks) * self.block_bytes, tokens=num_tokens):
+                pass
+        return cache
+
+    def release(self, cache: VirtualKVCache) -> None:
+        """Drop ``cache``'s references; its blocks become free, or cached (evictable) when they carry a
+        block hash, the last blocks first so a cached prefix is evicted from its end."""
+        with self.lock:
+            self._own(cache)
+            blocks = cache._blocks
+            self._unref_blocks(blocks)
+            cache._released = True
+            cache._blocks = []
+            del self._caches[cache.cache_id]
+            self._counters["releases"] += 1
+        if self._tel.tracing:
+            with self._tel.span("kvtriton.release", blocks=len(blocks), bytes=len(blocks) * self.block_bytes):
+                pass
+
+    def _unref_blocks(self, blocks: list[int]) -> None:
+        ref, hashes, policy, free = self._ref, self._hash, self.policy, self._free
+        for b in reversed(blocks):
+            r = ref[b] - 1
+            ref[b] = r
+            if r == 0:
+                self._n_used -= 1
+                h = hashes[b]
+                if h is None:
+                    free.append(b)
+                else:
+                    policy.unpin(h)
+                    self._n_idle += 1
+
+    def _own(self, cache: VirtualKVCache) -> None:
+        if not isinstance(cache, VirtualKVCache):
+            raise TypeError(f"cache must be a VirtualKVCache, got {type(cache).__name__}")
+        if cache.pool is not self:
+            raise ValueError(f"cache belongs to pool {cache.pool.name!r}, not {self.name!r}")
+        if cache._released:
+            raise CacheReleasedError(f"cache {cache.cache_id} of pool {self.name!r} was already released")
+
+    # --- called by VirtualKVCache under no lock ---------------------------------------------------
+    def _append(self, cache: VirtualKVCache, n: int, token_ids) -> None:
+        bs = self.block_size
+        with self.lock:
+            self._own(cache)
+            if cache.max_tokens is not None and cache._seq_len + n > cache.max_tokens:
+                raise ValueError(f"append of {n} tokens to a cache of {cache._seq_len} exceeds its "
+                                 f"max_tokens={cache.max_tokens}")
+            if token_ids is not None and cache._tail is None:
+                raise ValueError("token_ids may be given to append only for caches requested with token_ids")
+            old_len = cache._seq_len
+            blocks = cache._blocks
+            new_total = -(-(old_len + n) // bs)
+            grow = new_total - len(blocks)
+            # The block receiving the first new token is written: copy it first if others hold it.
+            j = old_len // bs
+            cow = n > 0 and old_len % bs != 0 and self._ref[blocks[j]] > 1
+            need = grow + (1 if cow else 0)
+            if need:
+                self._make_room(need, 0)
+                self._evict_to(need)
+            new = self._pop_free(need)
+            for b in new:
+                self._ref[b] = 1
+            self._n_used += need
+            if cow:
+                src = blocks[j]
+                dst = new.pop()
+                self._copy_block(src, dst)
+                blocks[j] = dst
+                self._ref[src] -= 1  # > 0: others still hold it
+                self._counters["cow_copies"] += 1
+            blocks.extend(new)
+            cache._seq_len = old_len + n
+            if token_ids is not None:
+                tail = cache._tail
+                tail.extend(token_ids)
+                hashes = cache._hashes
+                while len(tail) >= bs:
+                    parent = hashes[-1] if hashes else None
+                    h = hash_block_tokens(parent, tail[:bs])
+                    del tail[:bs]
+                    hashes.append(h)
+                    self._register(blocks[len(hashes) - 1], h)
+
+    def _copy_block(self, src: int, dst: int) -> None:
+        ops.copy_blocks(self.view, torch.tensor([src], dtype=torch.int64, device=self.device),
+                        torch.tensor([dst], dtype=torch.int64, device=self.device))
+
+    def _fork(self, cache: VirtualKVCache) -> VirtualKVCache:
+        with self.lock:
+            self._own(cache)
+            ref = self._ref
+            for b in cache._blocks:
+                ref[b] += 1
+            cid = self._next_cache_id
+            self._next_cache_id = cid + 1
+            child = VirtualKVCache(self, cid, list(cache._blocks), cache._seq_len, cache.max_tokens,
+                                   cache.num_cached_tokens,
+                                   None if cache._hashes is None else list(cache._hashes),
+                                   None if cache._tail is None else list(cache._tail))
+            self._caches[cid] = child
+            self._counters["forks"] += 1
+            return child
+
+    def _register(self, b: int, h) -> None:
+        """Put block ``b`` (held by its writer) in the prefix cache under ``h``, unless ``h`` is there."""
+        if h in self._cached or self._hash[b] is not None:
+            return
+        self._cached[h] = b
+        self._hash[b] = h
+        self.policy.insert(h, 1)
+        self.policy.pin(h)
+
+    # ------------------------------------------------------------------ raw block batches
+    def allocate_blocks(self, n: int) -> list[int]:
+        """``n`` blocks held by the caller (by id, reference count 1), without a cache; blocks held this
+        way are never moved by shrink. Give them back with :meth:`free_blocks`."""
+        n = _check_count("n", n, 0)
+        with self.lock:
+            self._make_room(n, 0)
+            self._evict_to(n)
+            ids = self._pop_free(n)
+            ref = self._ref
+            for b in ids:
+                ref[b] = 1
+            self._n_used += n
+            self._external.update(ids)
+        return ids
+
+    def free_blocks(self, ids: Iterable[int]) -> None:
+        """Return blocks from :meth:`allocate_blocks`; unknown or already freed ids raise ValueError and
+        free nothing."""
+        ids = list(ids)
+        with self.lock:
+            ext = self._external
+            bad = [b for b in ids if b not in ext]
+            if bad or len(set(ids)) != len(ids):
+                raise ValueError(f"ids must be distinct blocks held from allocate_blocks; not held: {bad[:8]}")
+            ext.difference_update(ids)
+            ref = self._ref
+            for b in ids:
+                ref[b] = 0
+            self._free.extend(ids)
+            self._n_used -= len(ids)
+
+    # ------------------------------------------------------------------ capacity management
+    def _pop_free(self, k: int) -> list[int]:
+        free = self._free
+        if k == 0:
+            return []
+        if k == 1:
+            return [free.pop()]
+        ids = free[-k:]
+        del free[-k:]
+        ids.reverse()
+        return ids
+
+    def _make_room(self, need: int, idle_hits: int) -> None:
+        """Ensure ``need`` blocks can be taken: grow now if the free list is short, then check that
+        eviction can cover the rest. On failure undo the growth and raise (the pool is unchanged)."""
+        short = need - len(self._free)
+        if short <= 0:
+            return
+        claimed = self._grow_blocks(short)
+        if len(self._free) + self._n_idle - idle_hits >= need:
+            return
+        if claimed:
+            self._ungrow(claimed)
+        self._counters["exhausted"] += 1
+        raise PoolExhaustedError(self.name, need, len(self._free), self._n_idle - idle_hits)
+
+    def _evict_to(self, need: int) -> None:
+        if len(self._free) >= need:
+            return
+        n = need - len(self._free)
+        for _ in range(n):
+            self._evict_one()
+        if self._tel.tracing:
+            with self._tel.span("kvtriton.evict", blocks=n, bytes=n * self.block_bytes):
+                pass
+
+    def _evict_one(self) -> int:
+        h = self.policy.victim()
+        b = self._cached.pop(h)
+        if self._ref[b] != 0:
+            raise RuntimeError(f"policy {self.policy_name!r} chose block {b}, which is in use")
+        self._hash[b] = None
+        self._n_idle -= 1
+        self._free.append(b)
+        self._counters["evictions"] += 1
+        return b
+
+    def evict(self, n: int | None = None) -> int:
+        """Evict up to ``n`` cached, unreferenced blocks (all when None) in policy order; returns the count."""
+        with self.lock:
+            k = self._n_idle if n is None else min(_check_count("n", n, 0), self._n_idle)
+            for _ in range(k):
+                self._evict_one()
+        if k and self._tel.tracing:
+            with self._tel.span("kvtriton.evict", blocks=k, bytes=k * self.block_bytes):
+                pass
+        return k
+
+    def _claim_chunks(self, k: int) -> int:
+        """Claim ``k`` more chunks (for ``initial_chunks``); returns the number claimed."""
+        before = self._chunks_held
+        self._grow_blocks(1 << 62, min_chunks=k, max_new_chunks=k)
+        return self._chunks_held - before
+
+    def _grow_blocks(self, need: int, min_chunks: int | None = None, max_new_chunks: int | None = None) -> list:
+        """Claim arena chunks until ``need`` more blocks are usable (and at least ``min_chunks`` chunks,
+        default ``grow_chunks``, where the arena allows); returns the chunks claimed."""
+        if min_chunks is None:
+            min_chunks = self.grow_chunks
+        limit = None if self.max_chunks is None else self.max_chunks - self._chunks_held
+        if max_new_chunks is not None:
+            limit = max_new_chunks if limit is None else min(limit, max_new_chunks)
+        if limit is not None and limit <= 0:
+            return []
+        arena, me = self.arena, self.pool_id
+        fc, lc = self._first_chunk, self._last_chunk
+        B, C, n = self.block_bytes, arena.chunk_bytes, self.num_blocks
+        claimed: list[int] = []
+        newly: list[int] = []
+        with arena.lock:
+            owner = arena.owner
+            if not (owner == FREE).any():
+                return []
+            not_ok = np.concatenate(([0], np.cumsum((owner != FREE) & (owner != me))))
+            is_free = np.concatenate(([0], np.cumsum(owner == FREE)))
+            feasible = (not_ok[lc + 1] - not_ok[fc]) == 0
+            cost = is_free[lc + 1] - is_free[fc]
+            cand = np.flatnonzero(feasible & (cost > 0))
+            # Cheapest first: blocks straddling chunks already held, then one new chunk per block.
+            order = cand[np.argsort(cost[cand], kind="stable")]
+            usable = self._usable
+            for b in order.tolist():
+                if len(newly) >= need and len(claimed) >= min_chunks:
+                    break
+                new_chunks = [c for c in range(int(fc[b]), int(lc[b]) + 1) if owner[c] == FREE]
+                if not new_chunks:
+                    continue
+                if limit is not None and len(claimed) + len(new_chunks) > limit:
+                    continue
+                owner[new_chunks] = me
+                claimed.extend(new_chunks)
+                lo = (new_chunks[0] * C) // B
+                hi = min(n - 1, ((new_chunks[-1] + 1) * C - 1) // B)
+                for bb in range(lo, hi + 1):
+                    if not usable[bb] and (owner[fc[bb]: lc[bb] + 1] == me).all():
+                        usable[bb] = True
+                        newly.append(bb)
+        if claimed:
+            newly.sort(reverse=True)  # low ids are popped first
+            self._free[:0] = newly    # behind recently freed blocks, which are reused first
+            self._capacity += len(newly)
+            self._chunks_held += len(claimed)
+            self._counters["grows"] += 1
+            self._counters["chunks_claimed"] += len(claimed)
+            if self._tel.tracing:
+                with self._tel.span("kvtriton.grow", chunks=len(claimed), blocks=len(newly),
+                                    bytes=len(claimed) * C):
+                    pass
+        return claimed
+
+    def _blocks_overlapping(self, chunks) -> np.ndarray:
+        """Usable blocks overlapping any chunk in ``chunks``."""
+        C, B, n = self.arena.chunk_bytes, self.block_bytes, self.num_blocks
+        out = []
+        for c in chunks:
+            lo, hi = (int(c) * C) // B, min(n - 1, ((int(c) + 1) * C - 1) // B)
+            out.extend(range(lo, hi + 1))
+        out = np.unique(np.asarray(out, dtype=np.int64))
+        return out[self._usable[out]] if out.size else out
+
+    def _ungrow(self, chunks: list) -> None:
+        """Give back chunks just claimed (all their blocks are free)."""
+        lost = self._blocks_overlapping(chunks)
+        lost_set = set(lost.tolist())
+        self._free = [b for b in self._free if b not in lost_set]
+        self._usable[lost] = False
+        self._capacity -= len(lost)
+        with self.arena.lock:
+            self.arena.give_back(chunks, self.pool_id)
+        self._chunks_held -= len(chunks)
+        self._counters["chunks_claimed"] -= len(chunks)
+
+    def _ungrow_all(self):
+        with self.arena.lock:
+            held = self.arena.chunks_of(self.pool_id).tolist()
+        if held:
+            self._ungrow(held)
+
+    def grow(self, num_chunks: int | None = None, *, num_blocks: int | None = None) -> int:
+        """Claim ``num_chunks`` chunks, or enough chunks for ``num_blocks`` more usable blocks, from the
+        arena now; returns the chunks claimed (fewer where the arena or ``max_chunks`` runs out)."""
+        if (num_chunks is None) == (num_blocks is None):
+            raise ValueError("give exactly one of num_chunks or num_blocks")
+        with self.lock:
+            if num_chunks is not None:
+                return self._claim_chunks(_check_count("num_chunks", num_chunks, 0))
+            return len(self._grow_blocks(_check_count("num_blocks", num_blocks, 0), min_chunks=0))
+
+    def shrink(self, num_chunks: int, *, evict: bool = True) -> int:
+        """Give ``num_chunks`` chunks back to the arena, emptying them first: live blocks in the chosen
+        chunks move into free blocks of the others in ONE ``ops.move_blocks`` call over the pool's
+        ``[n, L, 2, block_size, H, D]`` view, and the owning caches' block tables and the prefix cache
+        follow. Cached (unreferenced) blocks there move too while free blocks remain; with ``evict``
+        the policy's victims make room (anywhere in the pool), else the shrink fails. Chunks holding
+        blocks from ``allocate_blocks`` are never chosen. Raises PoolExhaustedError (nothing changed)
+        when the live blocks cannot fit in the remaining chunks; returns ``num_chunks``.
+        """
+        num_chunks = _check_count("num_chunks", num_chunks, 0)
+        if num_chunks == 0:
+            return 0
+        with self.lock:
+            moved = self._shrink(num_chunks, evict)
+        return moved
+
+    def _shrink(self, num_chunks: int, evict: bool) -> int:
+        with self.arena.lock:
+            held = self.arena.chunks_of(self.pool_id)
+        if num_chunks > len(held):
+            raise ValueError(f"num_chunks must be <= the {len(held)} chunks pool {self.name!r} holds, "
+                             f"got {num_chunks}")
+        ref, hashes, ext = self._ref, self._hash, self._external
+        C, B, n = self.arena.chunk_bytes, self.block_bytes, self.num_blocks
+        # Score each held chunk by the live blocks it would force to move; skip pinned-by-id chunks.
+        scores = []
+        for c in held.tolist():
+            lo, hi = (c * C) // B, min(n - 1, ((c + 1) * C - 1) // B)
+            used = idle = 0
+            pinned = False
+            for b in range(lo, hi + 1):
+                if not self._usable[b]:
+                    continue
+                if b in ext:
+                    pinned = True
+                    break
+                if ref[b]:
+                    used += 1
+                elif hashes[b] is not None:
+                    idle += 1
+            if not pinned:
+                scores.append((used, idle, -c, c))
+        if len(scores) < num_chunks:
+            raise ValueError(f"num_chunks={num_chunks} but only {len(scores)} chunks of pool {self.name!r} "
+                             f"hold no blocks from allocate_blocks")
+        scores.sort()
+        chosen = [s[3] for s in scores[:num_chunks]]
+        lost = self._blocks_overlapping(chosen)
+        lost_set = set(lost.tolist())
+        used_lost = [b for b in lost_set if ref[b] > 0]
+        idle_lost = {b for b in lost_set if ref[b] == 0 and hashes[b] is not None}
+        rem_free = sum(1 for b in self._free if b not in lost_set)
+        idle_out = self._n_idle - len(idle_lost)
+        if len(used_lost) > rem_free + (idle_out if evict else 0) or \
+                (not evict and len(used_lost) + len(idle_lost) > rem_free):
+            self._counters["exhausted"] += 1
+            raise PoolExhaustedError(
+                self.name, len(used_lost), rem_free, idle_out if evict else 0,
+                message=f"pool {self.name!r} cannot shrink by {num_chunks} chunks: {len(used_lost)} used "
+                        f"and {len(idle_lost)} cached blocks live there, {rem_free} blocks free and "
+                        f"{idle_out} evictable in the other chunks (evict={evict})")
+        evicted = 0
+        while rem_free < len(used_lost) + len(idle_lost) and self._n_idle > 0:
+            b = self._evict_one()
+            evicted += 1
+            if b in idle_lost:
+                idle_lost.discard(b)
+            else:
+                rem_free += 1
+        src = sorted(used_lost) + sorted(idle_lost)
+        keep_free = [b for b in self._free if b not in lost_set]
+        dst = keep_free[len(keep_free) - len(src):] if src else []
+        keep_free = keep_free[: len(keep_free) - len(src)]
+        if src:
+            ops.move_blocks(self.view, torch.tensor(src, dtype=torch.int64, device=self.device),
+                            torch.tensor(dst, dtype=torch.int64, device=self.device))
+            mapping = dict(zip(src, dst))
+            for s, d in mapping.items():
+                ref[d], hashes[d] = ref[s], hashes[s]
+                if hashes[d] is not None:
+                    self._cached[hashes[d]] = d
+                ref[s], hashes[s] = 0, None
+            for cache in self._caches.values():
+                bl = cache._blocks
+                if any(b in mapping for b in bl):
+                    cache._blocks = [mapping.get(b, b) for b in bl]
+        self._free = keep_free
+        self._usable[lost] = False
+        self._capacity -= len(lost)
+        with self.arena.lock:
+            self.arena.give_back(chosen, self.pool_id)
+        self._chunks_held -= len(chosen)
+        self._counters["shrinks"] += 1
+        self._counters["chunks_returned"] += len(chosen)
+        self._counters["blocks_moved"] += len(src)
+        if self._tel.tracing:
+            with self._tel.span("kvtriton.shrink", chunks=len(chosen), blocks=len(src), evicted=evicted,
+                                bytes=len(chosen) * C):
+                pass
+        return len(chosen)
+
+    def release_free_chunks(self) -> int:
+        """Give back every held chunk whose usable blocks are all free (no moves); returns the count."""
+        with self.lock:
+            with self.arena.lock:
+                held = self.arena.chunks_of(self.pool_id).tolist()
+            C, B, n = self.arena.chunk_bytes, self.block_bytes, self.num_blocks
+            ref, hashes = self._ref, self._hash
+            empty = []
+            for c in held:
+                lo, hi = (c * C) // B, min(n - 1, ((c + 1) * C - 1) // B)
+                if all(not self._usable[b] or (ref[b] == 0 and hashes[b] is None) for b in range(lo, hi + 1)):
+                    empty.append(c)
+            if empty:
+                self._ungrow(empty)
+                self._counters["chunks_claimed"] += len(empty)  # _ungrow undoes claims; count a return
+                self._counters["chunks_returned"] += len(empty)
+            return len(empty)
+
+    def compact(self, *, evict: bool = False) -> int:
+        """Pack live blocks into as few chunks as they allow and give the rest back (see :meth:`shrink`);
+        returns the chunks given back."""
+        with self.lock:
+            with self.arena.lock:
+                held = int((self.arena.owner == self.pool_id).sum())
+            live = self._n_used + (0 if evict else self._n_idle)
+            per_chunk = max(1.0, self.arena.chunk_bytes / self.block_bytes)
+            k = held - int(np.ceil(live / per_chunk))
+            released = 0
+            while k > 0:
+                try:
+                    released = self._shrink(k, evict)
+                    break
+                except (PoolExhaustedError, ValueError):
+                    k -= 1
+        if self._tel.tracing:
+            with self._tel.span("kvtriton.compact", chunks=released, bytes=released * self.arena.chunk_bytes):
+                pass
+        return released
+
+    # ------------------------------------------------------------------ statistics
+    @property
+    def capacity_blocks(self) -> int:
+        return self._capacity
+
+    @property
+    def free_blocks_count(self) -> int:
+        return len(self._free)
+
+    def stats(self) -> dict:
+        """Plain numbers: blocks and bytes by state, utilization, fragmentation, hits, evictions, chunks
+        held and ``request`` latency percentiles (microseconds)."""
+        with self.lock:
+            bs = self.block_size
+            filled: dict[int, int] = {}
+            tokens = 0
+            for c in self._caches.values():
+                tokens += c._seq_len
+                for i, b in enumerate(c._blocks):
+                    f = min(bs, c._seq_len - i * bs)
+                    if f > filled.get(b, 0):
+                        filled[b] = f
+            held_slots = len(filled) * bs
+            internal = ratio(held_slots - sum(filled.values()), held_slots)
+            cap, used, idle, free = self._capacity, self._n_used, self._n_idle, len(self._free)
+            held_bytes = self._chunks_held * self.arena.chunk_bytes
+            out = {
+                "capacity_blocks": cap, "used_blocks": used, "cached_blocks": idle, "free_blocks": free,
+                "capacity_bytes": cap * self.block_bytes, "used_bytes": used * self.block_bytes,
+                "cached_bytes": idle * self.block_bytes, "free_bytes": free * self.block_bytes,
+                "block_bytes": self.block_bytes, "block_size": bs,
+                "utilization": ratio(used, cap),
+                "internal_fragmentation": internal,
+                "external_fragmentation": 1.0 - ratio(used * self.block_bytes, held_bytes) if held_bytes else 0.0,
+                "chunks_held": self._chunks_held, "held_bytes": held_bytes,
+                "live_caches": len(self._caches), "live_tokens": tokens,
+                "prefix_cache_entries": len(self._cached),
+                "hit_rate": ratio(self._counters["hit_blocks"],
+                                  self._counters["hit_blocks"] + self._counters["miss_blocks"]),
+            }
+            out.update(self._counters)
+            out.update({f"alloc_latency_{k}": v for k, v in self._lat.percentiles_us().items()})
+            return out
+
+    def reset_latency(self) -> None:
+        self._lat.clear()
+
+    # ------------------------------------------------------------------ checks and teardown
+    def validate(self) -> None:
+        """Check every invariant (O(pool size)); raises AssertionError naming the first broken one."""
+        with self.lock:
+            usable = set(np.flatnonzero(self._usable).tolist())
+            assert len(usable) == self._capacity, "capacity != usable blocks"
+            free = self._free
+            assert len(set(free)) == len(free), "duplicate block on the free list"
+            assert set(free) <= usable, "free list holds an unusable block"
+            holders = [0] * self.num_blocks
+            for c in self._caches.values():
+                for b in c._blocks:
+                    holders[b] += 1
+            for b in self._external:
+                holders[b] += 1
+            used = idle = 0
+            for b in usable:
+                assert self._ref[b] == holders[b], f"block {b}: ref {self._ref[b]} != {holders[b]} holders"
+                if self._ref[b] > 0:
+                    used += 1
+                    assert b not in free, f"used block {b} is on the free list"
+                elif self._hash[b] is not None:
+                    idle += 1
+                    assert b not in free, f"cached block {b} is on the free list"
+            assert all(holders[b] == 0 and self._hash[b] is None for b in range(self.num_blocks)
+                       if b not in usable), "an unusable block is held or cached"
+            assert used == self._n_used, f"used count {self._n_used} != {used}"
+            assert idle == self._n_idle, f"cached count {self._n_idle} != {idle}"
+            assert len(free) + used + idle == self._capacity, "free + used + cached != capacity"
+            assert len(self._cached) == sum(h is not None for h in self._hash), "hash map size"
+            for h, b in self._cached.items():
+                assert self._hash[b] == h, f"hash map points {h!r} at block {b} holding {self._hash[b]!r}"
+            assert len(self.policy) == len(self._cached), "policy residents != cached blocks"
+            assert self.policy.num_evictable == self._n_idle, "policy evictable != cached unreferenced"
+            with self.arena.lock:
+                assert int((self.arena.owner == self.pool_id).sum()) == self._chunks_held, "chunks held"
+
+    def close(self) -> None:
+        """Release every cache and give all chunks back; later use raises CacheReleasedError."""
+        with self.lock:
+            if self._closed:
+                return
+            for cache in list(self._caches.values()):
+                cache._released = True
+                cache._blocks = []
+            self._caches.clear()
+            self._closed = True
+            with self.arena.lock:
+                self.arena.release_all(self.pool_id)
+            self._free = []
+            self._usable[:] = False
+            self._capacity = self._n_used = self._n_idle = self._chunks_held = 0
+
+    def __repr__(self) -> str:
+        return (f"CachePool({self.name!r}, spec={self.spec.name!r}, device={self.device}, "
+                f"policy={self.policy_name!r}, blocks={self._n_used}/{self._capacity})")
+
+
+BlockPool = CachePool

@@ -1,0 +1,197 @@
+"""Input validation and ``torch.library`` registration shared by every op in ``kvtriton.ops``.
+
+Every public op validates its arguments with these helpers before it touches memory, so that bad input
+raises a ``ValueError`` (wrong shape, dtype, device or layout) or an ``IndexError`` (an id or length out
+of range) that names the argument, and leaves every tensor as it was.
+
+Metadata checks (shapes, dtypes, devices, strides) are free and always run. Checks that read index
+values run only where they need no device sync: always for CPU tensors, for CUDA tensors only under
+``debug_checks()`` / ``KVTRITON_DEBUG=1``, and never while ``torch.compile`` traces (the values are not
+known then). ``values_checkable(t)`` says which case applies.
+
+Stable API (other op modules import these):
+
+- ``check_tensor(name, t, *, ndim=None, dtypes=None, device=None)``
+- ``check_cache(name, t, *, ndim=4)``: a cache tensor whose last dimension is contiguous.
+- ``check_kv_cache(key_cache, value_cache)`` -> ``(num_blocks, block_size, num_kv_heads, head_dim)``
+- ``check_index(name, t, dtypes=INDEX_DTYPES, *, ndim=1, device=None)``
+- ``check_same_device(**tensors)``
+- ``values_checkable(*tensors)`` -> bool
+- ``check_range(name, t, low, high)``: ``low <= t < high`` (IndexError), when ``values_checkable``.
+- ``check_block_tables(block_tables, seq_lens, *, block_size, num_blocks, device)``
+- ``custom_op(name, *, mutates_args)``: ``torch.library.custom_op`` in the ``kvtriton`` namespace.
+- ``block_layout(shape, *strides)``: collapse a per-block layout to ``[rows, cols]`` for the copy kernels.
+- ``next_pow2(n)``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ._backend import debug_checks
+
+NAMESPACE = "kvtriton"
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None,
+                 device: torch.device | None = None) -> None:
+    """Raise ValueError unless ``t`` is a tensor with ``ndim`` dims, a dtype in ``dtypes``, on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {t.dtype}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{name} must be on {device} (like the cache), got {t.device}")
+
+
+def check_cache(name: str, t, *, ndim: int | None = 4) -> None:
+    """A cache tensor: ``ndim`` dims (any number if None), last dimension contiguous (stride 1)."""
+    check_tensor(name, t, ndim=ndim)
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have a leading block dimension, got a 0-d tensor")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} has unsupported dtype {t.dtype}")
+
+
+def check_kv_cache(key_cache, value_cache) -> tuple[int, int, int, int]:
+    """Check a layer's K and V caches ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+
+    Both 4-D, same shape, dtype and device, last dimension contiguous, any other strides; they must not
+    be the same memory (ops that write both would race). Returns the four sizes.
+    """
+    check_cache("key_cache", key_cache)
+    check_cache("value_cache", value_cache)
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(f"value_cache shape {tuple(value_cache.shape)} must equal key_cache shape "
+                         f"{tuple(key_cache.shape)}")
+    if key_cache.dtype != value_cache.dtype:
+        raise ValueError(f"value_cache dtype {value_cache.dtype} must equal key_cache dtype {key_cache.dtype}")
+    check_same_device(key_cache=key_cache, value_cache=value_cache)
+    if (key_cache.numel() and not torch.compiler.is_compiling() and not _is_fake(key_cache)
+            and key_cache.data_ptr() == value_cache.data_ptr()):
+        raise ValueError("key_cache and value_cache must be different memory, got the same data pointer")
+    return tuple(key_cache.shape)  # type: ignore[return-value]
+
+
+def check_index(name: str, t, dtypes: Sequence[torch.dtype] = INDEX_DTYPES, *, ndim: int | None = 1,
+                device: torch.device | None = None) -> None:
+    """An index tensor: integer dtype in ``dtypes`` (int32/int64 by default), ``ndim`` dims."""
+    check_tensor(name, t, ndim=ndim, dtypes=dtypes, device=device)
+
+
+def check_same_device(**tensors) -> None:
+    """Raise ValueError unless every given tensor is on the same device (names them in the message)."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for k, v in items[1:]:
+        if v.device != first.device:
+            raise ValueError(f"{k} is on {v.device} but {first_name} is on {first.device}; "
+                             f"all tensors must be on one device")
+
+
+def _is_fake(t) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+        return bool(is_fake(t))
+    except Exception:  # pragma: no cover - private API moved
+        return False
+
+
+def values_checkable(*tensors) -> bool:
+    """Whether checks that read index values may run: no tracing, and CPU tensors or debug checks on."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if _is_fake(t) or t.device.type == "meta":
+            return False
+        if t.device.type != "cpu" and not debug_checks():
+            return False
+    return True
+
+
+def check_range(name: str, t, low: int, high: int, *, mask=None) -> None:
+    """Raise IndexError unless every value of ``t`` (where ``mask``) lies in ``[low, high)``.
+
+    Runs only when ``values_checkable(t)``; a no-op otherwise.
+    """
+    if t.numel() == 0 or not values_checkable(t):
+        return
+    vals = t[mask] if mask is not None else t
+    if vals.numel() == 0:
+        return
+    lo, hi = int(vals.min()), int(vals.max())
+    if lo < low or hi >= high:
+        bad = lo if lo < low else hi
+        raise IndexError(f"{name} values must be in [{low}, {high}), got {bad}")
+
+
+def check_block_tables(block_tables, seq_lens, *, block_size: int, num_blocks: int, device) -> tuple[int, int]:
+    """Check ``block_tables`` int32/int64 ``[batch, max_blocks]`` and ``seq_lens`` int32/int64 ``[batch]``.
+
+    Shapes and dtypes always; when ``values_checkable``: ``0 <= seq_lens <= max_blocks * block_size`` and
+    every block id a sequence uses (the first ``ceil(seq_len / block_size)`` of its row) in
+    ``[0, num_blocks)``. Entries past a sequence's length are padding and may hold anything.
+    Returns ``(batch, max_blocks)``.
+    """
+    check_index("block_tables", block_tables, ndim=2, device=device)
+    check_index("seq_lens", seq_lens, ndim=1, device=device)
+    batch, max_blocks = block_tables.shape
+    if seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens must have shape [batch] = [{batch}] (block_tables rows), "
+                         f"got {tuple(seq_lens.shape)}")
+    if batch and values_checkable(block_tables, seq_lens):
+        check_range("seq_lens", seq_lens, 0, max_blocks * block_size + 1)
+        used = (seq_lens.long() + block_size - 1) // block_size
+        mask = torch.arange(max_blocks, device=block_tables.device)[None, :] < used[:, None]
+        check_range("block_tables", block_tables, 0, num_blocks, mask=mask)
+    return batch, max_blocks
+
+
+def custom_op(name: str, *, mutates_args: tuple[str, ...] | str):
+    """``torch.library.custom_op`` registering ``kvtriton::<name>`` for every device."""
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)
+
+
+def block_layout(shape: Sequence[int], *strides: Sequence[int]) -> tuple[int, int, list[int]] | None:
+    """Collapse the per-block dims (``shape``, one stride list per tensor) to ``[rows, cols]``.
+
+    Dims are merged where they are contiguous with each other in every tensor, so a block that is one
+    dense run of memory becomes ``rows == 1``. Returns ``(rows, cols, [row_stride of each tensor])`` when
+    the result has at most two dims and a unit stride on the last, else None (the caller then takes the
+    PyTorch path). Size-1 dims are ignored.
+    """
+    dims = [(s, [st[i] for st in strides]) for i, s in enumerate(shape) if s != 1]
+    if not dims:
+        return 1, 1, [0] * len(strides)
+    merged: list[tuple[int, list[int]]] = [dims[-1]]
+    for size, st in reversed(dims[:-1]):
+        in_size, in_st = merged[0]
+        if all(a == b * in_size for a, b in zip(st, in_st)):
+            merged[0] = (size * in_size, in_st)
+        else:
+            merged.insert(0, (size, st))
+    if len(merged) > 2 or any(s != 1 for s in merged[-1][1]):
+        return None
+    if len(merged) == 1:
+        return 1, merged[0][0], [0] * len(strides)
+    return merged[0][0], merged[1][0], list(merged[0][1])
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

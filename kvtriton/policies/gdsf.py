@@ -1,0 +1,53 @@
+"""SIZE_AWARE_LRU: Greedy-Dual-Size-Frequency (GDSF, Cherkasova 1998)."""
+
+from __future__ import annotations
+
+from ._util import check_capacity
+from ._heap import HeapPolicy
+from .base import register_policy
+
+
+@register_policy("size_aware_lru", "gdsf")
+class GDSFPolicy(HeapPolicy):
+    """Greedy-Dual-Size-Frequency; O(log n).
+
+    A key's priority is ``H = L + frequency * cost / size``, set on insert and on every hit; ``L``
+    becomes the priority of each victim, so keys not touched for a while fall behind the ones refreshed
+    since (the recency of LRU), while large keys go before small ones of the same popularity. ``size``
+    comes from ``insert``; ``cost`` (the price of a miss) is ``cost_fn(key, size)``, 1 by default. With
+    equal sizes and costs it orders keys like LFU-DA.
+    """
+
+    weighs_size = True
+
+    def __init__(self, capacity: int | None = None, cost_fn=None):
+        check_capacity(capacity)
+        super().__init__()
+        self.inflation = 0.0
+        self._cost_fn = cost_fn
+        self._freq: dict = {}
+        self._size: dict = {}
+
+    def _value(self, key):
+        size = self._size[key]
+        cost = 1.0 if self._cost_fn is None else float(self._cost_fn(key, size))
+        return self._freq[key] * cost / size
+
+    def _on_insert(self, key, size):
+        self._freq[key] = 1
+        self._size[key] = size
+        self._prio[key] = self.inflation + self._value(key)
+
+    def _on_access(self, key):
+        self._freq[key] += 1
+        self._prio[key] = self.inflation + self._value(key)
+
+    def _on_evict(self, key, prio):
+        self.inflation = prio
+
+    def _on_forget(self, key):
+        del self._freq[key]
+        del self._size[key]
+
+    def frequency(self, key) -> int:
+        return self._freq[key]

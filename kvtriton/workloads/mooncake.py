@@ -1,0 +1,69 @@
+"""Loader for Mooncake JSONL request traces.
+
+The public traces (``conversation_trace.jsonl``, ``synthetic_trace.jsonl``, ...) come from the Mooncake
+repository, https://github.com/kvcache-ai/Mooncake, folder ``FAST25-release/traces/``. Download them
+there and pass their path; the project does not ship them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .request import Request
+
+BLOCK_TOKENS = 512  # Mooncake hashes prompts in blocks of 512 tokens
+
+
+def _int(obj, field, where, minimum):
+    v = obj.get(field)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{where}: {field!r} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def load_mooncake(path, limit: int | None = None) -> list[Request]:
+    """Read a Mooncake JSONL trace into ``Request`` records, in file order.
+
+    Each line is an object with ``timestamp`` (ms from the trace start, becomes ``arrival_s`` in
+    seconds), ``input_length`` and ``output_length`` (tokens) and ``hash_ids`` (the prompt's 512-token
+    blocks as prefix-chained hash ids, becomes a tuple). Blank lines are skipped. ``limit``: read at most
+    this many requests. A malformed line raises ValueError naming the file and line, and nothing is
+    returned; a trace with no requests raises ValueError.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    path = os.fspath(path)
+    out: list[Request] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(out) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            ts = obj.get("timestamp")
+            if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not ts >= 0:
+                raise ValueError(f"{where}: 'timestamp' must be a number of ms >= 0, got {ts!r}")
+            input_length = _int(obj, "input_length", where, 1)
+            output_length = _int(obj, "output_length", where, 0)
+            ids = obj.get("hash_ids")
+            if not isinstance(ids, list) or not ids:
+                raise ValueError(f"{where}: 'hash_ids' must be a non-empty list of ints, got {ids!r}")
+            for h in ids:
+                if isinstance(h, bool) or not isinstance(h, int):
+                    raise ValueError(f"{where}: 'hash_ids' must hold ints, found {h!r}")
+            out.append(Request(request_id=len(out), arrival_s=ts / 1000.0, input_length=input_length,
+                               output_length=output_length, hash_ids=tuple(ids), block_tokens=BLOCK_TOKENS,
+                               meta={"line": lineno}))
+    if not out:
+        raise ValueError(f"{path}: the trace has no requests")
+    return out
