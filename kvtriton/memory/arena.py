@@ -78,12 +78,13 @@ class Arena:
         self.num_bytes = self.num_chunks * chunk_bytes
         self.buffer = torch.empty(self.num_bytes, dtype=torch.uint8, device=self.device)
         self.owner = np.full(self.num_chunks, FREE, dtype=np.int64)
+        self.n_free = self.num_chunks  # kept equal to (owner == FREE).sum() by every change
         self.lock = threading.Lock()
 
     # -- queries (callers hold ``lock`` when they need a consistent view) ----------------------------
     @property
     def free_chunks(self) -> int:
-        return int((self.owner == FREE).sum())
+        return self.n_free
 
     def chunks_of(self, owner_id: int) -> np.ndarray:
         return np.flatnonzero(self.owner == owner_id)
@@ -94,6 +95,7 @@ class Arena:
         if (self.owner[chunks] != FREE).any():
             raise RuntimeError(f"chunks {chunks[self.owner[chunks] != FREE].tolist()} are not free")
         self.owner[chunks] = owner_id
+        self.n_free -= len(chunks)
 
     def give_back(self, chunks, owner_id: int) -> None:
         chunks = np.asarray(chunks, dtype=np.int64)
@@ -101,11 +103,14 @@ class Arena:
             raise RuntimeError(f"chunks {chunks[self.owner[chunks] != owner_id].tolist()} are not owned "
                                f"by {owner_id}")
         self.owner[chunks] = FREE
+        self.n_free += len(chunks)
 
     def release_all(self, owner_id: int) -> int:
         mask = self.owner == owner_id
         self.owner[mask] = FREE
-        return int(mask.sum())
+        n = int(mask.sum())
+        self.n_free += n
+        return n
 
     def stats(self) -> dict:
         with self.lock:

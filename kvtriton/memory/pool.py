@@ -538,7 +538,7 @@ class CachePool:
         newly: list[int] = []
         with arena.lock:
             owner = arena.owner
-            if not (owner == FREE).any():
+            if arena.n_free == 0:
                 return []
             not_ok = np.concatenate(([0], np.cumsum((owner != FREE) & (owner != me))))
             is_free = np.concatenate(([0], np.cumsum(owner == FREE)))
@@ -551,12 +551,15 @@ class CachePool:
             for b in order.tolist():
                 if len(newly) >= need and len(claimed) >= min_chunks:
                     break
+                if limit is not None and len(claimed) >= limit:
+                    break
                 new_chunks = [c for c in range(int(fc[b]), int(lc[b]) + 1) if owner[c] == FREE]
                 if not new_chunks:
                     continue
                 if limit is not None and len(claimed) + len(new_chunks) > limit:
                     continue
                 owner[new_chunks] = me
+                arena.n_free -= len(new_chunks)
                 claimed.extend(new_chunks)
                 lo = (new_chunks[0] * C) // B
                 hi = min(n - 1, ((new_chunks[-1] + 1) * C - 1) // B)
@@ -587,8 +590,9 @@ class CachePool:
         out = np.unique(np.asarray(out, dtype=np.int64))
         return out[self._usable[out]] if out.size else out
 
-    def _ungrow(self, chunks: list) -> None:
-        """Give back chunks just claimed (all their blocks are free)."""
+    def _ungrow(self, chunks: list, undo: bool = True) -> None:
+        """Give back ``chunks`` (all their blocks are free); ``undo``: they were just claimed by a growth
+        that is being rolled back, so its counts are rolled back too."""
         lost = self._blocks_overlapping(chunks)
         lost_set = set(lost.tolist())
         self._free = [b for b in self._free if b not in lost_set]
@@ -597,7 +601,9 @@ class CachePool:
         with self.arena.lock:
             self.arena.give_back(chunks, self.pool_id)
         self._chunks_held -= len(chunks)
-        self._counters["chunks_claimed"] -= len(chunks)
+        if undo:
+            self._counters["chunks_claimed"] -= len(chunks)
+            self._counters["grows"] -= 1
 
     def _ungrow_all(self):
         with self.arena.lock:
@@ -729,8 +735,7 @@ class CachePool:
                 if all(not self._usable[b] or (ref[b] == 0 and hashes[b] is None) for b in range(lo, hi + 1)):
                     empty.append(c)
             if empty:
-                self._ungrow(empty)
-                self._counters["chunks_claimed"] += len(empty)  # _ungrow undoes claims; count a return
+                self._ungrow(empty, undo=False)
                 self._counters["chunks_returned"] += len(empty)
             return len(empty)
 

@@ -21,11 +21,13 @@ Stable API (other op modules import these):
 - ``check_block_tables(block_tables, seq_lens, *, block_size, num_blocks, device)``
 - ``custom_op(name, *, mutates_args)``: ``torch.library.custom_op`` in the ``kvtriton`` namespace.
 - ``block_layout(shape, *strides)``: collapse a per-block layout to ``[rows, cols]`` for the copy kernels.
+- ``device_guard(t)``: context making ``t``'s CUDA device current while a kernel launches.
 - ``next_pow2(n)``
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -190,6 +192,11 @@ def block_layout(shape: Sequence[int], *strides: Sequence[int]) -> tuple[int, in
     if len(merged) == 1:
         return 1, merged[0][0], [0] * len(strides)
     return merged[0][0], merged[1][0], list(merged[0][1])
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s CUDA device current (Triton launches on the current device); no-op elsewhere."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def next_pow2(n: int) -> int:

@@ -7,7 +7,8 @@ import torch
 
 from . import reference
 from ._backend import HAS_TRITON, use_triton
-from ._common import check_cache, check_index, check_kv_cache, check_range, custom_op, values_checkable
+from ._common import (check_cache, check_index, check_kv_cache, check_range, custom_op, device_guard,
+                      values_checkable)
 from .gather import token_tile
 
 if HAS_TRITON:
@@ -72,13 +73,14 @@ def _append_kv_op(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
     key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)
     block_t, block_h, block_d, num_warps = _launch_params(num_tokens, H, D)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(H, block_h))
-    _append_kv_kernel[grid](
-        key, value, key_cache, value_cache, slot_mapping, num_tokens, num_blocks * block_size,
-        block_size, H, D,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps)
+    with device_guard(key_cache):
+        _append_kv_kernel[grid](
+            key, value, key_cache, value_cache, slot_mapping, num_tokens, num_blocks * block_size,
+            block_size, H, D,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps)
 
 
 @_append_kv_op.register_fake

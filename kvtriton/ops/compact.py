@@ -12,8 +12,11 @@ barrier, then stores them. This is safe without a temporary buffer:
 
 - within a chunk, every load happens before any store (the barrier), so a store may overwrite a slot
   of the same chunk that was just read;
-- a chunk only writes slots ``dest(t) < t <= `` its last token, and later chunks only read slots after
-  it, so no store ever hits a slot that is still to be read.
+- a chunk writes only to slots before its own last token (``dest(t) < t``), and later chunks read only
+  slots after it, so no store ever hits a slot that is still to be read.
+
+Sequences must not share blocks (prefix-shared blocks must be copied first): the programs of two
+sequences run unordered.
 
 Parallelism is therefore batch x head tiles; the head tile shrinks (down to one head) when the batch
 is small, so the grid still covers the GPU. No device sync, no temporary beyond the [batch, max_tokens]
@@ -26,8 +29,8 @@ import torch
 
 from . import reference
 from ._backend import HAS_TRITON, use_triton
-from ._common import (check_block_tables, check_kv_cache, check_range, check_tensor, custom_op, next_pow2,
-                      values_checkable)
+from ._common import (check_block_tables, check_kv_cache, check_range, check_tensor, custom_op, device_guard,
+                      next_pow2, values_checkable)
 
 if HAS_TRITON:
     import triton
@@ -73,7 +76,9 @@ def _launch_params(batch: int, H: int, D: int, device: torch.device) -> tuple[in
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     while block_h > 1 and batch * -(-H // block_h) < target:
         block_h //= 2
-    block_t = max(1, 4096 // (block_h * block_d))
+    # A program walks its sequence serially, so each step should move a lot: 8192 elements of K and of V
+    # (32 KiB in bf16) per step keep enough bytes in flight per SM even with one program per SM.
+    block_t = max(1, 8192 // (block_h * block_d))
     tile = block_t * block_h * block_d
     num_warps = 8 if tile >= 8192 else 4 if tile >= 2048 else 2
     return block_t, block_h, block_d, num_warps
@@ -100,12 +105,13 @@ def _compact_tokens_op(key_cache: torch.Tensor, value_cache: torch.Tensor, block
     if H * D:
         block_t, block_h, block_d, num_warps = _launch_params(batch, H, D, device)
         grid = (batch, triton.cdiv(H, block_h))
-        _compact_kernel[grid](
-            key_cache, value_cache, block_tables, dst_pos, start, end.to(torch.int32),
-            block_tables.stride(0), max_tokens, num_blocks, block_size, H, D,
-            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps)
+        with device_guard(key_cache):
+            _compact_kernel[grid](
+                key_cache, value_cache, block_tables, dst_pos, start, end.to(torch.int32),
+                block_tables.stride(0), max_tokens, num_blocks, block_size, H, D,
+                key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+                BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps)
     return new_lens
 
 

@@ -16,7 +16,7 @@ import torch
 from . import reference
 from ._backend import HAS_TRITON, use_triton
 from ._common import (block_layout, check_block_tables, check_cache, check_index, check_kv_cache,
-                      check_range, check_same_device, custom_op, next_pow2,
+                      check_range, check_same_device, custom_op, device_guard, next_pow2,
                       values_checkable)
 
 if HAS_TRITON:
@@ -128,13 +128,14 @@ def launch_block_copy(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tenso
     total_tiles = rows * tiles_per_row
     grid = (n, min(total_tiles, 65535))
     ids_dummy = src_ids if src_ids is not None else dst_ids if dst_ids is not None else src
-    _block_copy_kernel[grid](
-        src, dst, src_ids if src_ids is not None else ids_dummy,
-        dst_ids if dst_ids is not None else ids_dummy,
-        src.shape[0], dst.shape[0], src.stride(0), src_sr, dst.stride(0), dst_sr,
-        cols, tiles_per_row, total_tiles,
-        SRC_INDEXED=src_ids is not None, DST_INDEXED=dst_ids is not None, SKIP_SAME=skip_same,
-        EVEN=cols % block == 0, BLOCK=block, num_warps=num_warps)
+    with device_guard(dst):
+        _block_copy_kernel[grid](
+            src, dst, src_ids if src_ids is not None else ids_dummy,
+            dst_ids if dst_ids is not None else ids_dummy,
+            src.shape[0], dst.shape[0], src.stride(0), src_sr, dst.stride(0), dst_sr,
+            cols, tiles_per_row, total_tiles,
+            SRC_INDEXED=src_ids is not None, DST_INDEXED=dst_ids is not None, SKIP_SAME=skip_same,
+            EVEN=cols % block == 0, BLOCK=block, num_warps=num_warps)
     return True
 
 
@@ -168,12 +169,13 @@ def _gather_kv_op(key_cache: torch.Tensor, value_cache: torch.Tensor, block_tabl
         block_t = min(block_t, next_pow2(block_size))
         num_warps = 8 if block_t * block_h * block_d >= 8192 else 4
         grid = (batch * max_blocks, triton.cdiv(H, block_h))
-        _gather_kv_kernel[grid](
-            key_cache, value_cache, key, value, block_tables, seq_lens, cu,
-            max_blocks, block_tables.stride(0), key_cache.shape[0], block_size, H, D,
-            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps)
+        with device_guard(key_cache):
+            _gather_kv_kernel[grid](
+                key_cache, value_cache, key, value, block_tables, seq_lens, cu,
+                max_blocks, block_tables.stride(0), key_cache.shape[0], block_size, H, D,
+                key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+                BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps)
     return key, value, cu
 
 

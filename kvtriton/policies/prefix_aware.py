@@ -1,40 +1,59 @@
-"""PREFIX_AWARE: frequency with aging, priced when a request releases its blocks, dead tails first."""
+"""PREFIX_AWARE: recency plus remembered reuse, priced when a request releases its blocks; dead tails first."""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from ._util import check_capacity
 from ._heap import HeapPolicy
 from .base import register_policy
+
+DEAD = float("-inf")
 
 
 @register_policy("prefix_aware")
 class PrefixAwarePolicy(HeapPolicy):
     """A policy for prefix caches of LLM serving; O(log n).
 
-    A block's priority is ``H = L + r`` where ``r`` is the number of requests that referenced it and
-    ``L`` (the cache's age) is the priority of the latest victim, as in GDSF/LFU-DA, with three things a
-    generic cache does not know:
+    A block's priority (lowest evicted first) is ``beta * E / C + r``: ``E`` is the number of evictions
+    so far and ``C`` the capacity, so ``E / C`` is time counted in cache turnovers, and ``r`` is the
+    number of requests that have referenced the block, *including before it was last evicted* (a
+    bounded history of ``history`` evicted keys, by default 8 x capacity and at least 131,072, remembers their counts). One more reference is worth
+    ``1 / beta`` turnovers of age. What a generic cache does not know and this policy uses:
 
-    - the priority is set when the block is *released* (its request completes), not when it is hit:
-      ``L`` has risen meanwhile by the evictions the request itself caused, so a block that was just in
-      use ranks above everything older with the same count;
+    - the priority is set when the block is *released* (its request completes), not when it is hit;
     - the last block of a request whose prompt does not fill it (``input_length`` not a multiple of
-      ``block_tokens``) gets ``H = L``: a follow-up turn extends the prompt and changes that block's hash,
-      so it is almost never reused (about 1% on the Mooncake conversation trace, against 37% for the
-      other blocks) and goes before any block of equal age;
+      ``block_tokens``) is evicted before any other: a follow-up turn extends the prompt, which changes
+      that block's hash, so it is almost never reused (about 1% on the Mooncake conversation trace,
+      against 37% for the other blocks);
+    - a block's count survives its eviction: a conversation whose prefix fell out and came back keeps
+      the standing of its earlier turns;
     - ties go to the block released first, and the replay releases a request's blocks last-first, so
       among equals a request's tail goes before its head and cached prefixes stay whole.
 
-    The context comes from ``on_request`` (the replay engines call it); without it the policy is
-    LFU-DA priced at release.
+    The request context comes from ``on_request`` (the replay engines call it); without it no block is
+    known dead. ``C`` is ``capacity``, or without it the largest number of resident keys seen so far.
     """
 
-    def __init__(self, capacity: int | None = None):
-        check_capacity(capacity)
+    def __init__(self, capacity: int | None = None, beta: float = 2.0, history: int | None = None):
+        self._capacity = check_capacity(capacity)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+            raise ValueError(f"beta must be a positive number, got {beta!r}")
+        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 0):
+            raise ValueError(f"history must be a non-negative int or None (8 x capacity, at least 131072), got {history!r}")
         super().__init__()
-        self.age = 0.0
+        self.beta = float(beta)
+        self._history_limit = history
         self._refs: dict = {}
+        self._history: OrderedDict = OrderedDict()  # evicted key -> its count, oldest first
+        self._evictions = 0
+        self._high_water = 0
         self._dead = None
+
+    def _cap(self):
+        if self._capacity is not None:
+            return self._capacity
+        return max(self._high_water, 1)
 
     def on_request(self, keys, num_hit: int, request=None) -> None:
         self._dead = None
@@ -44,21 +63,32 @@ class PrefixAwarePolicy(HeapPolicy):
                 self._dead = keys[-1]
 
     def _push(self, key):
-        self._prio[key] = self.age + (0 if key == self._dead else self._refs[key])
+        if key == self._dead:
+            self._prio[key] = DEAD
+        else:
+            self._prio[key] = self.beta * self._evictions / self._cap() + self._refs[key]
         super()._push(key)
 
     def _on_insert(self, key, size):
-        self._refs[key] = 1
-        self._prio[key] = self.age
+        self._refs[key] = self._history.pop(key, 0) + 1
+        self._prio[key] = 0.0
+        if self._capacity is None and len(self._prio) > self._high_water:
+            self._high_water = len(self._prio)
 
     def _on_access(self, key):
         self._refs[key] += 1
 
     def _on_evict(self, key, prio):
-        self.age = prio
+        self._evictions += 1
+        hist = self._history
+        hist[key] = self._refs[key]
+        limit = self._history_limit if self._history_limit is not None else max(8 * self._cap(), 1 << 17)
+        while len(hist) > limit:
+            hist.popitem(last=False)
 
     def _on_forget(self, key):
         del self._refs[key]
 
     def references(self, key) -> int:
-        return self._refs[key]
+        """Requests that referenced ``key`` (resident or remembered), 0 if unknown."""
+        return self._refs.get(key, self._history.get(key, 0))

@@ -3,3 +3,4 @@
 from .fast import miss_ratio_curve, simulate
 
 __all__ = ["miss_ratio_curve", "simulate"]
+from .device import DeviceReplayConfig, DeviceReplayResult, replay_device  # noqa: E402,F401

@@ -38,6 +38,25 @@ with its end position (``kvtriton.memory.hashing.expand_hash_ids``): each 512-to
 positions inside one trace block get different keys. Only full pool blocks of the prompt are keyed (a
 partial last block is private, as in vLLM, because decode writes into it).
 
+**Metrics** (``DeviceReplayResult.summary``, every key in ``SUMMARY_KEYS``, plain numbers):
+``hit_rate`` (prefix-cache block hits over full prompt blocks looked up, first admissions only),
+``token_hit_rate`` (``prefill_tokens_saved`` over ``prefill_tokens``), ``prefill_tokens_computed``
+(missed tokens written, recomputation included; ``recompute_tokens`` is the part due to preemption),
+``evictions``, ``preemptions``, ``queueing_delay_s_*`` (arrival to first admission) and ``ttft_s_*``
+(arrival to first token: queueing, the modelled prefill time of the prompts admitted before it in its
+step and its own, and the measured ``append_kv`` time) as mean/p50/p95/p99, ``decode_tokens`` and
+``decode_tokens_per_s`` (over the wall time of the steps that decoded), ``step_{kernel,memory,other}_s``
+and their ``_frac``, ``compactions``/``compaction_s``/``blocks_moved``/``chunks_returned``, and
+``utilization_*``/``external_fragmentation_*`` (mean and max over the time series). ``timeseries`` has a
+row every ``record_every`` steps: ``step, time_s, batch, waiting, admitted, finished, kernel_s,
+memory_s, other_s, prefill_model_s, compaction_s, used_blocks, cached_blocks, free_blocks,
+utilization, external_fragmentation, internal_fragmentation, evictions, preemptions, completed,
+hit_rate`` (counts cumulative). ``requests`` has a row per request.
+
+One model per replay: every request is served by the pool of ``model`` (a request's ``model`` field is
+not consulted; replay a mixed workload's models one at a time, e.g. ``[r for r in reqs if r.model ==
+"vista"]``).
+
 **Step time split.** ``kernel``: the measured time of ``append_kv`` and ``paged_decode_attention``
 (CUDA events around the kernel launches on a GPU, ``perf_counter`` on the CPU); ``memory``: host time in
 the memory manager and the replay's block-table bookkeeping (allocation, prefix lookup, release, policy
@@ -49,6 +68,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext as _nullcontext
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -84,7 +104,8 @@ class DeviceReplayConfig:
     step_time_s: float | None = None          # clock: a step lasts this long (None: its measured wall time)
     compaction_threshold: float | None = 0.5  # external fragmentation that triggers compaction; None: never
     compaction_check_every: int = 16          # steps between fragmentation checks
-    chunk_bytes: int | None = None            # arena chunk size (None: the allocator's default, 2 MiB)
+    chunk_bytes: int | None = None            # arena chunk size (None: about 2 MiB, whole blocks)
+    preallocate: bool = True                  # claim every arena chunk up front (else grow on demand)
     record_every: int = 1                     # a time-series row every N steps
     seed: int = 0
 
@@ -326,11 +347,12 @@ def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru"
             f"{biggest.req.request_id} holds {biggest.max_tokens} tokens = {need} blocks of {spec.block_size} "
             f"tokens; raise the capacity or cap max_input_tokens / max_output_tokens")
 
-    engine = _Engine(seqs, spec, policy_name, capacity_blocks, cfg, device, GPUMemoryAllocator)
-    try:
-        return engine.run(progress, on_step)
-    finally:
-        engine.close()
+    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+        engine = _Engine(seqs, spec, policy_name, capacity_blocks, cfg, device, GPUMemoryAllocator)
+        try:
+            return engine.run(progress, on_step)
+        finally:
+            engine.close()
 
 
 # Policies that need the trace's future are served by the fast replay, which knows every reference in
@@ -381,6 +403,9 @@ class _PoolHandle:
             self.alloc.close()
             raise
         self.capacity_blocks = self.pool.num_blocks
+        if cfg.preallocate:
+            # a serving engine sizes its KV memory once; growing chunk by chunk is timed otherwise
+            self.pool.grow(num_blocks=self.capacity_blocks)
         self.block_size = spec.block_size
         self._kv = [self.pool.kv(layer) for layer in range(spec.num_layers)]
 
@@ -436,8 +461,14 @@ class _Engine:
         self.seqs, self.spec, self.policy, self.cfg, self.device = seqs, spec, policy, cfg, device
         self.pool = _PoolHandle(allocator_cls, spec, policy, capacity_blocks, cfg, device)
         self.capacity_blocks = self.pool.capacity_blocks
+        try:
+            self._setup_tensors(seqs, spec, cfg, device)
+        except BaseException:
+            self.pool.close()
+            raise
+
+    def _setup_tensors(self, seqs, spec: ModelSpec, cfg: DeviceReplayConfig, device: torch.device):
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
         L, H, D, Hq = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.num_q_heads
         B = cfg.max_batch
         dt = spec.dtype
@@ -455,6 +486,8 @@ class _Engine:
         self.running: list[_Seq] = []
         self.timer = _Timer(device)
         self.num_layers = L
+        self._order = 0
+        self.lookups = self.hits = 0
 
     def close(self):
         self.pool.close()
@@ -491,24 +524,30 @@ class _Engine:
         s.cache, s.blocks = cache, self.pool.block_ids(cache)
         first = s.admissions == 0
         s.admissions += 1
-        s.order = self._order = getattr(self, "_order", 0) + 1
+        self._order += 1
+        s.order = self._order
         if first:
             s.admitted_at = now
             s.lookup_blocks, s.hit_blocks = len(s.keys), hit_blocks
+            self.lookups += len(s.keys)
+            self.hits += hit_blocks
         s.seq_len = ctx
         self._new_hits = hit_blocks
         return True
 
-    def _prefill(self, s: _Seq, hit_blocks: int):
-        """Write the K/V of ``s``'s missed tokens into every layer; returns the missed token count."""
+    def _prefill(self, s: _Seq, hit_blocks: int) -> tuple[int, float]:
+        """Write the K/V of ``s``'s missed tokens into every layer; ``(missed tokens, host seconds spent
+        on the slot mapping)``."""
         bs = self.spec.block_size
         start = hit_blocks * bs
         n = s.seq_len - start
         if n <= 0:
-            return 0
+            return 0, 0.0
+        t0 = time.perf_counter()
         pos = np.arange(start, s.seq_len)
         blocks = np.asarray(s.blocks, dtype=np.int64)
         slots = torch.from_numpy(blocks[pos // bs] * bs + pos % bs).to(self.device)
+        mem = time.perf_counter() - t0
         tok = self.timer.start()
         c = self.k_fill.shape[0]
         for off in range(0, n, c):
@@ -518,7 +557,7 @@ class _Engine:
                 kc, vc = self.pool.layer(layer)
                 self._append_kv(self.k_fill[:m], self.v_fill[:m], kc, vc, sl)
         self.timer.stop(tok)
-        return n
+        return n, mem
 
     def _grow(self, s: _Seq) -> bool:
         """One more token slot for ``s``; preempt (latest admitted first) when no block is left.
@@ -604,7 +643,8 @@ class _Engine:
                     f"{self.capacity_blocks} blocks (pool stats: {self.pool.stats()})")
             prefill_kernel = 0.0
             for s, hits in admitted:
-                missed = self._prefill(s, hits)
+                missed, slot_s = self._prefill(s, hits)
+                mem += slot_s
                 prefill_t = self.timer.collect()
                 prefill_kernel += prefill_t
                 cost = missed * cfg.prefill_s_per_token
@@ -706,7 +746,8 @@ class _Engine:
                        "external_fragmentation": st["external_fragmentation"],
                        "internal_fragmentation": st["internal_fragmentation"],
                        "evictions": st["evictions"] - start_stats["evictions"],
-                       "preemptions": self.preemptions}
+                       "preemptions": self.preemptions, "completed": self.completed,
+                       "hit_rate": self.hits / self.lookups if self.lookups else 0.0}
                 ts.append(row)
                 if on_step is not None:
                     on_step(row)

@@ -1,0 +1,577 @@
+"""Check, then time, every kvtriton kernel against its PyTorch baseline, in one run.
+
+    python experiments/bench_kernels.py --out bench_kernels.json           # CUDA, full (< 3 min)
+    python experiments/bench_kernels.py --quick                            # fewer, smaller cases
+    python experiments/bench_kernels.py --device cpu --smoke --out s.json  # tiny shapes, wall clock
+
+On CUDA: first every op is checked against its reference on small random shapes (exact equality for the
+copies, a float64 reference for attention); then each kernel and its baseline are timed with
+``triton.testing.do_bench`` (median, L2 flushed between runs) beside the device-to-device copy bandwidth
+measured in the same process (``torch.Tensor.copy_`` of 1 GiB, bytes read + written). Shapes: 32 query
+heads, 8 KV heads, head_dim 128, block size 16, bfloat16.
+
+Bytes are what the op must move: every byte it reads plus every byte it writes (K/V tiles, queries,
+outputs, index tensors); scratch traffic of the implementation (e.g. split-KV partials) is not counted.
+``frac_copy`` = achieved GB/s / copy GB/s; ``speedup`` = baseline time / kernel time.
+
+On CPU (``--device cpu``) the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` and the
+references otherwise; timings are ``time.perf_counter`` medians and only show that the pipeline works.
+
+JSON written with ``--out``::
+
+    {"device", "date", "torch", "triton", "copy_gbps", "backend", "checks": [...],
+     "results": [{"kernel", "case", "bytes", "ms", "gbps", "frac_copy", "baseline", "baseline_ms",
+                  "speedup", "target_frac", "target_speedup", "meets_target", "extra": {...}}]}
+
+Exit status 1 when a correctness check fails (the JSON is still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvtriton import ops  # noqa: E402
+from kvtriton.ops import reference as ref  # noqa: E402
+from kvtriton.ops._backend import INTERPRET, use_triton  # noqa: E402
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+GiB = 1 << 30
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------
+
+class Timer:
+    """Median milliseconds of ``fn()``: ``do_bench`` on CUDA, wall clock elsewhere."""
+
+    def __init__(self, device: torch.device, smoke: bool):
+        self.device = device
+        self.reps = 2 if smoke else 10
+
+    def __call__(self, fn) -> float:
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+            return float(do_bench(fn, warmup=10, rep=60, return_mode="median"))
+        fn()  # warm-up (first call pays compilation / dispatch setup)
+        times = []
+        for _ in range(self.reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Correctness (small shapes, every op)
+# ----------------------------------------------------------------------------------------------------
+
+def _rel_err(out, expect):
+    out, expect = out.double(), expect.double()
+    fin = torch.isfinite(expect)
+    if not torch.equal(fin, torch.isfinite(out)):
+        return math.inf
+    return ((out[fin] - expect[fin]).norm() / expect[fin].norm().clamp_min(1e-30)).item()
+
+
+def _arena(nb, layers, dev, dtype=DTYPE, h=HKV, d=D, bs=BS):
+    return torch.randn(nb, layers, 2, bs, h, d, device=dev).to(dtype)
+
+
+def run_checks(dev, small: bool):
+    """Each op against its reference; returns [{"kernel", "ok", "detail"}]."""
+    h, d = (2, 64) if small else (HKV, D)
+    n_tok, ctx = (60, 100) if small else (300, 300)
+    checks = []
+
+    def record(name, fn, kernels):
+        try:
+            ok, detail = fn()
+        except Exception as e:  # a crash is a failed check, not a crashed benchmark
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        checks.append({"kernel": name, "kernels": kernels, "ok": bool(ok), "detail": detail})
+        print(f"  check {name:<24} {'ok' if ok else 'FAILED'}  {detail}", flush=True)
+
+    def append():
+        arena = _arena(64, 2, dev, h=h, d=d)
+        kc, vc = arena[:, 1, 0], arena[:, 1, 1]
+        n = n_tok
+        slots = torch.randperm(64 * BS, device=dev)[:n]
+        slots[::7] = -1
+        k = torch.randn(n, h, d, device=dev).to(DTYPE)
+        v = torch.randn(n, h, d, device=dev).to(DTYPE)
+        expect = arena.clone()
+        ref.append_kv(k, v, expect[:, 1, 0], expect[:, 1, 1], slots)
+        ops.append_kv(k, v, kc, vc, slots)
+        return torch.equal(arena, expect), f"{n} tokens, 1/7 padding"
+
+    def gather():
+        arena = _arena(96, 2, dev, h=h, d=d)
+        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
+        lens = torch.tensor([1, 16, 17, 3 * ctx // 2], dtype=torch.int32, device=dev)
+        tables = torch.randperm(96, device=dev)[:4 * 13].view(4, 13).int()
+        k, v, cu = ops.gather_kv(kc, vc, tables, lens)
+        rk, rv, rcu = ref.gather_kv(kc, vc, tables, lens)
+        ok = torch.equal(k, rk) and torch.equal(v, rv) and torch.equal(cu.cpu(), rcu.cpu())
+        ids = torch.randperm(96, device=dev)[:40]
+        blocks = ops.gather_blocks(arena, ids)
+        ok_b = torch.equal(blocks, arena[ids])
+        target = torch.zeros_like(arena)
+        ops.scatter_blocks(target, ids, blocks)
+        ok_s = torch.equal(target[ids], arena[ids])
+        return ok and ok_b and ok_s, f"gather_kv {ok}, gather_blocks {ok_b}, scatter_blocks {ok_s}"
+
+    def move():
+        arena = _arena(128, 3, dev, h=h, d=d)
+        perm = torch.randperm(128, device=dev)
+        src, dst = perm[:50], perm[50:100]
+        expect = arena.clone()
+        expect[dst] = arena[src]
+        ops.move_blocks(arena, src, dst)
+        return torch.equal(arena, expect), "50 of 128 blocks, 3 layers"
+
+    def compact():
+        arena = _arena(64, 1, dev, h=h, d=d)
+        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
+        lens = torch.tensor([5, 16, ctx, 3 * ctx // 2], dtype=torch.int32, device=dev)
+        tables = torch.randperm(64, device=dev)[:4 * 13].view(4, 13).int()
+        keep = torch.rand(4, 13 * BS, device=dev) < 0.4
+        expect = arena.clone()
+        new_ref = ref.compact_tokens(expect[:, 0, 0], expect[:, 0, 1], tables, lens, keep)
+        new = ops.compact_tokens(kc, vc, tables, lens, keep)
+        k, v, _ = ops.gather_kv(kc, vc, tables, new)
+        rk, rv, _ = ref.gather_kv(expect[:, 0, 0], expect[:, 0, 1], tables, new_ref)
+        ok = torch.equal(new.cpu(), new_ref.cpu()) and torch.equal(k, rk) and torch.equal(v, rv)
+        return ok, "keep 40%"
+
+    def attention():
+        worst = []
+        ok = True
+        hq = 4 * h
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            batch = 3
+            mb = -(-ctx // BS)
+            arena = _arena(batch * mb + 2, 2, dev, dtype=dtype, h=h, d=d)
+            kc, vc = arena[:, 1, 0], arena[:, 1, 1]
+            tables = torch.randperm(batch * mb + 2, device=dev)[:batch * mb].view(batch, mb).int()
+            lens = torch.tensor([ctx, 1, 0], dtype=torch.int32, device=dev)
+            q = torch.randn(batch, hq, d, device=dev).to(dtype)
+            for kw in ({}, {"num_splits": 3}, {"sliding_window": 40}):
+                out, lse, mass = ops.paged_decode_attention(q, kc, vc, tables, lens, return_lse=True,
+                                                            return_block_mass=True, **kw)
+                kw.pop("num_splits", None)
+                r_out, r_lse, r_mass = ref.paged_decode_attention(q, kc, vc, tables, lens, return_lse=True,
+                                                                  return_block_mass=True, **kw)
+                errs = (_rel_err(out, r_out), _rel_err(lse, r_lse), _rel_err(mass, r_mass))
+                ok &= errs[0] < tol and errs[1] < max(tol, 1e-5) and errs[2] < max(tol, 1e-5)
+                worst.append(max(errs))
+        return ok, f"max rel err {max(worst):.2e} (bf16 < 1e-2, fp32 < 1e-5; out, lse, block mass)"
+
+    for name, fn, kernels in (
+            ("append_kv", append, ["append_kv"]),
+            ("gather_kv/blocks", gather, ["gather_kv", "gather_blocks", "scatter_blocks"]),
+            ("move_blocks", move, ["move_blocks"]),
+            ("compact_tokens", compact, ["compact_tokens", "gather_kv"]),
+            ("paged_decode_attention", attention, ["paged_decode_attention"])):
+        record(name, fn, kernels)
+    _free(dev)
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------------------------
+
+def _row(kernel, case, nbytes, ms, copy_gbps, baseline, baseline_ms, target_frac=None, target_speedup=None,
+         **extra):
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    frac = gbps / copy_gbps if copy_gbps else float("nan")
+    speedup = baseline_ms / ms if baseline_ms else float("nan")
+    meets = None
+    if target_frac is not None or target_speedup is not None:
+        meets = (target_frac is None or frac >= target_frac) and (target_speedup is None or speedup >= target_speedup)
+    return {"kernel": kernel, "case": case, "bytes": int(nbytes), "ms": ms, "gbps": gbps, "frac_copy": frac,
+            "baseline": baseline, "baseline_ms": baseline_ms, "speedup": speedup, "target_frac": target_frac,
+            "target_speedup": target_speedup, "meets_target": meets, "extra": extra}
+
+
+def copy_bandwidth(dev, timer, nbytes):
+    x = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    x.random_(0, 255)
+    y = torch.empty_like(x)
+    ms = timer(lambda: y.copy_(x))
+    del x, y
+    _free(dev)
+    return 2 * nbytes / (ms * 1e-3) / 1e9, ms
+
+
+def bench_attention(dev, timer, copy_gbps, cases, hq, hkv, d):
+    rows = []
+    esz = torch.empty((), dtype=DTYPE).element_size()
+    for batch, ctx in cases:
+        mb = -(-ctx // BS)
+        nb = batch * mb
+        # One layer of a block-interleaved arena: K and V of a block side by side (block stride 2x).
+        arena = torch.randn(nb, 1, 2, BS, hkv, d, device=dev, dtype=DTYPE)
+        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
+        tables = torch.randperm(nb, device=dev).view(batch, mb).int()
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+        q = torch.randn(batch, hq, d, device=dev, dtype=DTYPE)
+        ms = timer(lambda: ops.paged_decode_attention(q, kc, vc, tables, lens))
+        qs = q.view(batch, hq, 1, d)
+
+        def sdpa(k, v):
+            try:
+                return F.scaled_dot_product_attention(qs, k, v, enable_gqa=True)
+            except TypeError:  # torch < 2.5: no enable_gqa
+                g = hq // hkv
+                return F.scaled_dot_product_attention(qs, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+
+        total = batch * ctx
+
+        def gather_sdpa():
+            k, v, _ = ops.gather_kv(kc, vc, tables, lens, num_tokens=total)
+            k = k.view(batch, ctx, hkv, d).transpose(1, 2)
+            v = v.view(batch, ctx, hkv, d).transpose(1, 2)
+            return sdpa(k, v)
+
+        base_ms = timer(gather_sdpa)
+        k_c = torch.randn(batch, hkv, ctx, d, device=dev, dtype=DTYPE)
+        v_c = torch.randn_like(k_c)
+        ideal_ms = timer(lambda: sdpa(k_c, v_c))
+        del k_c, v_c
+        nbytes = (2 * total * hkv * d * esz + 2 * q.numel() * esz + tables.numel() * 4 + lens.numel() * 4)
+        long_ctx = (batch, ctx) in ((128, 4096), (32, 4096))
+        from kvtriton.ops.attention import _device_sms, decode_launch_config
+        cfg = decode_launch_config(batch, hkv, hq // hkv, d, BS, mb * BS, esz, _device_sms(q.device))
+        rows.append(_row("paged_decode_attention", f"batch={batch} ctx={ctx}", nbytes, ms, copy_gbps,
+                         "gather_kv+sdpa", base_ms,
+                         target_frac=(0.9 if long_ctx else 0.75) if dev.type == "cuda" else None,
+                         target_speedup=3.0 if dev.type == "cuda" else None,
+                         sdpa_contiguous_ms=ideal_ms, vs_sdpa_contiguous=ideal_ms / ms,
+                         num_splits=cfg.num_splits, block_n=cfg.block_n, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages, layout="arena view [nb, 1, 2, bs, H, D][:, 0, k/v]",
+                         block_tables="random permutation"))
+        _print_row(rows[-1])
+        del arena, kc, vc, tables, lens, q
+        _free(dev)
+    return rows
+
+
+def bench_append(dev, timer, copy_gbps, cases, hkv, d):
+    rows = []
+    esz = torch.empty((), dtype=DTYPE).element_size()
+    for n in cases:
+        nb = max(64, 2 * n // BS)
+        arena = torch.randn(nb, 1, 2, BS, hkv, d, device=dev, dtype=DTYPE)
+        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
+        slots = torch.randperm(nb * BS, device=dev)[:n]
+        k = torch.randn(n, hkv, d, device=dev, dtype=DTYPE)
+        v = torch.randn_like(k)
+        ms = timer(lambda: ops.append_kv(k, v, kc, vc, slots))
+        # index_copy_ needs a per-slot dimension: contiguous K and V caches [num_slots, H, D].
+        kc_flat = torch.empty(nb * BS, hkv, d, device=dev, dtype=DTYPE)
+        vc_flat = torch.empty_like(kc_flat)
+
+        def baseline():
+            kc_flat.index_copy_(0, slots, k)
+            vc_flat.index_copy_(0, slots, v)
+
+        base_ms = timer(baseline)
+        nbytes = 2 * (2 * n * hkv * d * esz) + n * 8
+        rows.append(_row("append_kv", f"tokens={n}", nbytes, ms, copy_gbps, "index_copy_ (K and V)", base_ms,
+                         target_frac=0.6 if (n >= 4096 and dev.type == "cuda") else None,
+                         slots="random distinct", layout="kernel: arena view; baseline: contiguous [slots, H, D]"))
+        _print_row(rows[-1])
+        del arena, kc, vc, k, v, kc_flat, vc_flat
+        _free(dev)
+    return rows
+
+
+def bench_gather(dev, timer, copy_gbps, cases, layers, hkv, d, ragged):
+    rows = []
+    esz = torch.empty((), dtype=DTYPE).element_size()
+    nb = max(cases) + max(cases) // 8
+    arena = torch.empty(nb, layers, 2, BS, hkv, d, device=dev, dtype=DTYPE)
+    arena.view(torch.int16).random_(-16384, 16384)   # any bit patterns: these are copies
+    block_bytes = arena[0].numel() * esz
+    for n in cases:
+        ids = torch.randperm(nb, device=dev)[:n]
+        out = torch.empty(n, *arena.shape[1:], device=dev, dtype=DTYPE)
+        ms = timer(lambda: ops.gather_blocks(arena, ids, out=out))
+        base_ms = timer(lambda: torch.index_select(arena, 0, ids, out=out))
+        nbytes = 2 * n * block_bytes + n * 8
+        rows.append(_row("gather_blocks", f"blocks={n} ({block_bytes >> 10} KiB)", nbytes, ms, copy_gbps,
+                         "index_select", base_ms,
+                         target_frac=0.9 if (n >= 16384 and dev.type == "cuda") else None,
+                         layers=layers, block_bytes=block_bytes))
+        _print_row(rows[-1])
+        del out
+        _free(dev)
+    if ragged:
+        batch, ctx = ragged
+        mb = -(-ctx // BS)
+        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
+        tables = torch.randperm(nb, device=dev)[:batch * mb].view(batch, mb).int()
+        lens = torch.randint(ctx // 2, ctx + 1, (batch,), device=dev, dtype=torch.int32)
+        lens_l = lens.long()
+        total = int(lens_l.sum())
+        ms = timer(lambda: ops.gather_kv(kc, vc, tables, lens, num_tokens=total))
+        # Baseline: advanced indexing with the token -> (block, offset) map precomputed outside the timing.
+        seq = torch.repeat_interleave(torch.arange(batch, device=dev), lens_l)
+        starts = torch.cumsum(lens_l, 0) - lens_l
+        t = torch.arange(total, device=dev) - starts[seq]
+        blk = tables.long()[seq, t // BS]
+        off = t % BS
+
+        def baseline():
+            return kc[blk, off], vc[blk, off]
+
+        base_ms = timer(baseline)
+        nbytes = 2 * (2 * total * hkv * d * esz) + tables.numel() * 4 + lens.numel() * 4 + (batch + 1) * 4
+        rows.append(_row("gather_kv", f"batch={batch} ctx<={ctx} ragged", nbytes, ms, copy_gbps,
+                         "advanced indexing (index map precomputed)", base_ms, tokens=total, layers_in_arena=layers))
+        _print_row(rows[-1])
+    del arena
+    _free(dev)
+    return rows
+
+
+def bench_move(dev, timer, copy_gbps, cases, layers, hkv, d):
+    rows = []
+    esz = torch.empty((), dtype=DTYPE).element_size()
+    nb = 2 * max(cases) + 64
+    arena = torch.empty(nb, layers, 2, BS, hkv, d, device=dev, dtype=DTYPE)
+    arena.view(torch.int16).random_(-16384, 16384)
+    block_bytes = arena[0].numel() * esz
+    for n in cases:
+        perm = torch.randperm(nb, device=dev)
+        src, dst = perm[:n].contiguous(), perm[n:2 * n].contiguous()
+        ms = timer(lambda: ops.move_blocks(arena, src, dst, validate=False))
+        base_ms = timer(lambda: arena.index_copy_(0, dst, arena.index_select(0, src)))
+        nbytes = 2 * n * block_bytes + 2 * n * 8
+        rows.append(_row("move_blocks", f"blocks={n} ({block_bytes >> 20} MiB, {layers} layers)", nbytes, ms,
+                         copy_gbps, "index_select+index_copy_", base_ms,
+                         target_frac=0.75 if (n >= 8192 and dev.type == "cuda") else None,
+                         layers=layers, block_bytes=block_bytes, arena_blocks=nb))
+        _print_row(rows[-1])
+        _free(dev)
+    del arena
+    _free(dev)
+    return rows
+
+
+def bench_compact(dev, timer, copy_gbps, batch, ctx, hkv, d):
+    esz = torch.empty((), dtype=DTYPE).element_size()
+    mb = -(-ctx // BS)
+    nb = batch * mb
+    arena = torch.randn(nb, 1, 2, BS, hkv, d, device=dev, dtype=DTYPE)
+    kc, vc = arena[:, 0, 0], arena[:, 0, 1]
+    tables = torch.randperm(nb, device=dev).view(batch, mb).int()
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    keep = torch.rand(batch, mb * BS, device=dev) < 0.5
+    kept = int(keep[:, :ctx].sum())
+    ms = timer(lambda: ops.compact_tokens(kc, vc, tables, lens, keep))
+    # Baseline: vectorised PyTorch (the reference loops per sequence): kept token -> new position.
+    b_idx, t_idx = keep[:, :ctx].nonzero(as_tuple=True)
+    new_pos = keep[:, :ctx].long().cumsum(1)[b_idx, t_idx] - 1
+    sb, so = tables.long()[b_idx, t_idx // BS], t_idx % BS
+    db, do = tables.long()[b_idx, new_pos // BS], new_pos % BS
+
+    def baseline():
+        kc[db, do] = kc[sb, so]
+        vc[db, do] = vc[sb, so]
+
+    base_ms = timer(baseline)
+    nbytes = 2 * (2 * kept * hkv * d * esz) + keep.numel() + tables.numel() * 4 + 2 * lens.numel() * 4
+    row = _row("compact_tokens", f"batch={batch} ctx={ctx} keep=50%", nbytes, ms, copy_gbps,
+               "advanced indexing (index maps precomputed)", base_ms, kept_tokens=kept)
+    _print_row(row)
+    del arena
+    _free(dev)
+    return [row]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------
+
+def _fmt(x, spec):
+    if x is None:
+        return "-"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan"
+    return format(x, spec)
+
+
+def _print_row(r):
+    print(f"  {r['kernel']:<22} {r['case']:<30} {_fmt(r['ms'], '.4f'):>9} ms {_fmt(r['gbps'], '.1f'):>8} GB/s "
+          f"{_fmt(r['frac_copy'], '.2f'):>5} of copy | {r['baseline']}: {_fmt(r['baseline_ms'], '.4f')} ms "
+          f"-> {_fmt(r['speedup'], '.2f')}x", flush=True)
+
+
+def print_table(results, copy_gbps, device):
+    head = (f"{'kernel':<22} {'case':<32} {'ms':>9} {'GB/s':>8} {'frac':>5} {'target':>6} "
+            f"{'baseline':<28} {'base ms':>9} {'speedup':>7} {'target':>6} {'ok':>3}")
+    print(f"\nSummary on {device}: copy bandwidth {copy_gbps:.1f} GB/s (bytes read + written)")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        ok = {True: "yes", False: "NO", None: "-"}[r["meets_target"]]
+        print(f"{r['kernel']:<22} {r['case']:<32} {_fmt(r['ms'], '.4f'):>9} {_fmt(r['gbps'], '.1f'):>8} "
+              f"{_fmt(r['frac_copy'], '.2f'):>5} {_fmt(r['target_frac'], '.2f'):>6} {r['baseline'][:28]:<28} "
+              f"{_fmt(r['baseline_ms'], '.4f'):>9} {_fmt(r['speedup'], '.2f'):>7} "
+              f"{_fmt(r['target_speedup'], '.1f'):>6} {ok:>3}")
+        if r["kernel"] == "paged_decode_attention" and "sdpa_contiguous_ms" in r["extra"]:
+            e = r["extra"]
+            print(f"{'':<22} {'  vs SDPA on contiguous K/V':<32} {'':>9} {'':>8} {'':>5} {'':>6} "
+                  f"{'sdpa (unpaged ideal)':<28} {_fmt(e['sdpa_contiguous_ms'], '.4f'):>9} "
+                  f"{_fmt(e['vs_sdpa_contiguous'], '.2f'):>7}")
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--quick", action="store_true", help="fewer and smaller cases")
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (for CPU runs of the pipeline)")
+    args = ap.parse_args(argv)
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda requested but no CUDA device is available")
+    if dev.type == "cpu" and not args.smoke:
+        print("note: CPU run without --smoke; shapes are large for the interpreter", flush=True)
+    torch.manual_seed(0)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # pragma: no cover
+        triton_version = None
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    backend = ("triton" if dev.type == "cuda" else
+               "triton-interpreter" if use_triton(torch.empty(0, device=dev)) else "reference")
+    print(f"bench_kernels on {device_name}, torch {torch.__version__}, triton {triton_version}, backend {backend}"
+          f"{' (interpreter)' if INTERPRET and dev.type == 'cpu' else ''}", flush=True)
+    t_start = time.perf_counter()
+    timer = Timer(dev, args.smoke)
+
+    print("correctness:", flush=True)
+    checks = run_checks(dev, small=args.smoke or dev.type == "cpu")
+
+    if args.smoke:
+        hq, hkv, d = 8, 2, 64
+        copy_bytes = 16 << 20
+        attn_cases, append_cases = [(2, 64)], [64]
+        gather_cases, gather_layers, ragged = [16], 1, (2, 64)
+        move_cases, move_layers = [8], 2
+        compact_case = (2, 64)
+    else:
+        hq, hkv, d = HQ, HKV, D
+        copy_bytes = GiB
+        attn_cases = [(32, 1024), (32, 4096), (128, 4096), (8, 32768)]
+        append_cases = [256, 4096, 65536]
+        gather_cases, gather_layers, ragged = [1024, 16384], 4, (32, 4096)
+        move_cases = [1024, 8192]
+        compact_case = (32, 4096)
+        # Blocks of a 32-layer model (2 MiB each) when the arena (2 * 8192 + 64 blocks) and the
+        # baseline's staging copy fit in 70% of device memory; fewer layers otherwise (recorded in extra).
+        move_layers = 32
+        if dev.type == "cuda":
+            total = torch.cuda.get_device_properties(dev).total_memory
+            per_layer_block = 2 * BS * hkv * d * 2
+            while move_layers > 1 and (2 * max(move_cases) + 64 + max(move_cases)) * move_layers * per_layer_block > 0.7 * total:
+                move_layers //= 2
+        if args.quick:
+            attn_cases = [(32, 4096), (8, 32768)]
+            append_cases = [4096]
+            gather_cases = [16384]
+            move_cases = [8192]
+            move_layers = min(move_layers, 8)
+
+    copy_gbps, copy_ms = copy_bandwidth(dev, timer, copy_bytes)
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s ({copy_bytes >> 20} MiB copy_ in {copy_ms:.3f} ms)", flush=True)
+
+    results = []
+    sections = [
+        ("paged_decode_attention", lambda: bench_attention(dev, timer, copy_gbps, attn_cases, hq, hkv, d)),
+        ("append_kv", lambda: bench_append(dev, timer, copy_gbps, append_cases, hkv, d)),
+        ("gather", lambda: bench_gather(dev, timer, copy_gbps, gather_cases, gather_layers, hkv, d, ragged)),
+        ("move_blocks", lambda: bench_move(dev, timer, copy_gbps, move_cases, move_layers, hkv, d)),
+        ("compact_tokens", lambda: bench_compact(dev, timer, copy_gbps, *compact_case, hkv, d)),
+    ]
+    failed_sections = []
+    for name, fn in sections:
+        print(f"timing {name} ({time.perf_counter() - t_start:.0f} s elapsed):", flush=True)
+        try:
+            results.extend(fn())
+        except Exception as e:  # keep the other sections' numbers
+            failed_sections.append(f"{name}: {type(e).__name__}: {e}")
+            print(f"  {name} FAILED: {type(e).__name__}: {e}", flush=True)
+            _free(dev)
+    bad = {c["kernel"] for c in checks if not c["ok"]}
+    unchecked = {k for c in checks if not c["ok"] for k in c["kernels"]}
+    for r in results:
+        r["extra"]["correct"] = r["kernel"] not in unchecked
+
+    print_table(results, copy_gbps, device_name)
+    print(f"\n{len(checks) - len(bad)}/{len(checks)} correctness checks passed; "
+          f"total {time.perf_counter() - t_start:.0f} s", flush=True)
+    report = {
+        "device": device_name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "copy_gbps": copy_gbps,
+        "backend": backend,
+        "smoke": bool(args.smoke),
+        "quick": bool(args.quick),
+        "checks": checks,
+        "failed_sections": failed_sections,
+        "results": results,
+    }
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_jsonable(report), indent=2))
+        print(f"wrote {path}", flush=True)
+    return 1 if (bad or failed_sections) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
