@@ -136,8 +136,8 @@ def main(argv=None) -> int:
           f"{split['kernel_ms_median']:.3f} ms + memory management {split['memory_ms_median']:.3f} ms + other "
           f"{split['other_ms_median']:.3f} ms")
     verdict = ("met" if split["memory_frac"] <= goal else "NOT met") if goal_shape else "not this shape/device"
-    print(f"split of step time: kernels {split['kernel_frac']:.1%}, memory management {split['memory_frac']:.1%}"
-          f", other {split['other_frac']:.1%}  (goal: memory management <= {goal:.0%} at batch 64, 4096 "
+    print(f"split of step time: kernels {split['kernel_frac']:.2%}, memory management {split['memory_frac']:.2%}"
+          f", other {split['other_frac']:.2%}  (goal: memory management <= {goal:.0%} at batch 64, 4096 "
           f"tokens, 32 layers on an H100/H200: {verdict})")
     print(f"decode throughput: {split['decode_tokens_per_s']:.1f} tokens/s; whole replay: "
           f"hit rate {res.summary['hit_rate']:.3f}, preemptions {res.summary['preemptions']}, "

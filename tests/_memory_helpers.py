@@ -23,7 +23,7 @@ def snapshot(pool) -> dict:
             del s[k]
     return {
         "stats": s, "free": list(pool._free), "ref": list(pool._ref), "hash": list(pool._hash),
-        "cached": dict(pool._cached), "usable": pool._usable.copy(), "owner": pool.arena.owner.copy(),
+        "cached": dict(pool._cached), "usable": pool._usable.copy(), "owner": pool.arena.owner == pool.pool_id,  # other pools may give back empty chunks
         "caches": {cid: (list(c._blocks), c._seq_len) for cid, c in pool._caches.items()},
         "policy": (len(pool.policy), pool.policy.num_evictable),
     }

@@ -356,6 +356,8 @@ def test_sixteen_threads_leak_nothing():
             g = torch.Generator().manual_seed(seed)
             mine = []
             try:
+                ctx = backend("reference")   # thread-local: each worker picks its own
+                ctx.__enter__()
                 for i in range(150):
                     r = int(torch.randint(0, 6, (1,), generator=g))
                     if r < 3 or not mine:
@@ -367,12 +369,14 @@ def test_sixteen_threads_leak_nothing():
                         mine.append(mine[0].fork())
                     else:
                         pool.release(mine.pop(0))
-                    if i % 50 == 0:
-                        pool.shrink(0)
+                    if i % 50 == 49:
+                        pool.compact()          # moves blocks under other threads' feet
                 for c in mine:
                     c.release()
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(e)
+            finally:
+                ctx.__exit__(None, None, None)
 
         threads = [threading.Thread(target=work, args=(s,)) for s in range(16)]
         for t in threads:

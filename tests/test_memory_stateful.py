@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
@@ -169,6 +169,10 @@ class PoolMachine(RuleBasedStateMachine):
             assert torch.equal(got, data), f"cache {cache.cache_id} of pool {cache.pool.name}"
 
 
-PoolMachine.TestCase.settings = settings(max_examples=int(os.environ.get('KVT_EXAMPLES', 40)), report_multiple_bugs=False, stateful_step_count=30, deadline=None,
-                                         suppress_health_check=[HealthCheck.too_slow])
+# KVTRITON_MACHINE_EXAMPLES raises the number of runs for a longer local soak.
+PoolMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("KVTRITON_MACHINE_EXAMPLES", 40)), stateful_step_count=30, deadline=None,
+    report_multiple_bugs=False, suppress_health_check=[HealthCheck.too_slow],
+    phases=tuple(Phase) if os.environ.get("KVTRITON_MACHINE_SHRINK", "1") == "1"
+    else (Phase.explicit, Phase.reuse, Phase.generate))
 test_pool_machine = PoolMachine.TestCase

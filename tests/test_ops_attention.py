@@ -249,9 +249,8 @@ def test_reference_backend_matches():
 
 def test_opcheck_and_compile():
     q, kc, vc, tables, lens = _good()
-    torch.library.opcheck(torch.ops.kvtriton.paged_decode_attention.default,
-                          (q, kc, vc, tables, lens, 0.125, 0, True, 2),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for args in ((q, kc, vc, tables, lens, 0.125, 0, True, 2), (q, kc, vc, tables, lens, 0.3, 4, False, 0)):
+        torch.library.opcheck(torch.ops.kvtriton.paged_decode_attention.default, args)
     fn = torch.compile(lambda *a: ops.paged_decode_attention(*a, return_lse=True), backend="eager",
                        fullgraph=True)
     out, lse = fn(q, kc, vc, tables, lens)

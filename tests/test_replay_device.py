@@ -192,7 +192,9 @@ def test_tiny_replay_through_triton_kernels():
     spec = get_spec("tiny").with_(num_layers=1, head_dim=16, num_kv_heads=1, num_q_heads=2)
     reqs = [req(0, [0, 1], 20, 3), req(1, [0, 2], 24, 2)]
     c = cfg(max_batch=2)
+    import torch
     with ops.backend("triton"):
+        assert ops.use_triton(torch.empty(0))  # the interpreter, set up by conftest
         tri = replay_device(reqs, spec, "lru", capacity_blocks=8, config=c)
     ref = replay_device(reqs, spec, "lru", capacity_blocks=8, config=c)
     for k in ("steps", "hit_blocks", "decode_tokens", "completed"):
@@ -247,3 +249,14 @@ def test_design_mix_replays_per_model():
         assert s["completed"] == len(mine) and s["model"] == model
         # 80 / 85 tokens in blocks of 16: 5 / 6 blocks per finished request
         assert s["decode_tokens"] == 2 * len(mine)
+
+
+def test_mooncake_trace_scaled_down(traces_dir):
+    from kvtriton.workloads import load_mooncake
+    reqs = load_mooncake(traces_dir / "conversation_trace.jsonl", limit=12)
+    c = cfg(num_layers=1, max_input_tokens=1024, max_output_tokens=2, ignore_arrivals=True, max_batch=12)
+    res = replay_device(reqs, "tiny", "lru", capacity_blocks=1024, config=c)
+    s = res.summary
+    assert s["completed"] == 12
+    assert s["lookup_blocks"] == sum(min(r.input_length, 1024) // 16 for r in reqs)
+    assert s["hit_blocks"] >= 11 * 32  # every prompt starts with the trace's shared block 0

@@ -311,3 +311,9 @@ def validate(cfg: DictConfig) -> None:
     if not _DEVICE_RE.match(bdev):
         raise ConfigError("bench.device", bdev, "one of auto, cpu, cuda, cuda:N")
     _positive_int("bench.timeout_s", get("bench.timeout_s"), allow_none=True)
+    task = get("task")
+    if task is not Task.replay and get("bench.smoke"):
+        script = adapters.bench_script(task.value)
+        if not adapters.script_has_flag(script, "--smoke"):
+            raise ConfigError("bench.smoke", True, f"false for task={task.value} ({script.name} has no --smoke; "
+                              "pass smaller sizes in bench.args)")

@@ -50,9 +50,8 @@ def _run_task(cfg: DictConfig, run_dir: Path, job_num: int | None, telemetry) ->
             metrics.setdefault("device", _device_name(device))
         metrics["workload_load_s"] = t_load
         return metrics, series, {}
-    script = {Task.bench_kernels: "bench_kernels.py", Task.bench_memory: "bench_memory.py"}[task]
     device = adapters.resolve_device(cfg.bench.device, job_num)
-    metrics, tables = adapters.run_bench(cfg, script, run_dir, device)
+    metrics, tables = adapters.run_bench(cfg, task.value, run_dir, device)
     return metrics, [], tables
 
 

@@ -107,6 +107,7 @@ class CachePool:
         self._closed = False
         self._reclaim = None              # set by the allocator: frees other pools' empty chunks
         self._lat = LatencyRecorder(latency_window)
+        self._lat_add = self._lat.add
         self._counters = dict(requests=0, releases=0, forks=0, hit_blocks=0, miss_blocks=0, hit_tokens=0,
                               evictions=0, cow_copies=0, blocks_moved=0, grows=0, shrinks=0,
                               chunks_claimed=0, chunks_returned=0, exhausted=0)
@@ -220,8 +221,9 @@ class CachePool:
                     self._counters["requests"] += 1
             if cache is not None:
                 dt = time.perf_counter_ns() - t0
-                self._lat.add(dt)
-                self._h_alloc.record(dt / 1e3, self._tel.attributes)
+                self._lat_add(dt)
+                if self._tel.metering:
+                    self._h_alloc.record(dt / 1e3, self._tel.attributes)
                 if self._tel.tracing:
                     with self._tel.span("kvtriton.allocate", blocks=nblocks, hit_blocks=0,
                                         bytes=nblocks * self.block_bytes, tokens=num_tokens):
@@ -234,8 +236,9 @@ class CachePool:
                 raise
             cache = self._request(num_tokens, max_tokens, token_ids, block_hashes)
         dt = time.perf_counter_ns() - t0
-        self._lat.add(dt)
-        self._h_alloc.record(dt / 1e3, self._tel.attributes)
+        self._lat_add(dt)
+        if self._tel.metering:
+            self._h_alloc.record(dt / 1e3, self._tel.attributes)
         return cache
 
     def _request(self, num_tokens, max_tokens, token_ids, block_hashes) -> VirtualKVCache:

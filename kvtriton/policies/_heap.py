@@ -38,6 +38,11 @@ class HeapPolicy(EvictionPolicy):
     def _on_forget(self, key):
         pass
 
+    def _drop(self, key, prio):
+        """``key`` was chosen as a victim with ``prio``; subclasses may fuse the two hooks."""
+        self._on_evict(key, prio)
+        self._on_forget(key)
+
     # internals -----------------------------------------------------------------------------------
     def _push(self, key):
         self._clock += 1
@@ -97,8 +102,7 @@ class HeapPolicy(EvictionPolicy):
             if stamp.get(key) == s and key not in pinned:
                 del self._prio[key]
                 del stamp[key]
-                self._on_evict(key, prio)
-                self._on_forget(key)
+                self._drop(key, prio)
                 return key
 
     def pin(self, key: Key) -> None:
@@ -117,16 +121,26 @@ class HeapPolicy(EvictionPolicy):
             self._push(key)
 
     def unpin_many(self, keys) -> None:
-        pinned = self._pinned
-        for key in keys:
-            n = pinned.get(key)
-            if n == 1:
-                del pinned[key]
-                self._push(key)
-            elif n is None:
-                raise not_pinned(key)
-            else:
-                pinned[key] = n - 1
+        # The replay's hot path: _push inlined.
+        pinned, stamp, prio, heap = self._pinned, self._stamp, self._prio, self._heap
+        push = heapq.heappush
+        clock = self._clock
+        try:
+            for key in keys:
+                n = pinned.get(key)
+                if n == 1:
+                    del pinned[key]
+                    clock += 1
+                    stamp[key] = clock
+                    push(heap, (prio[key], clock, key))
+                elif n is None:
+                    raise not_pinned(key)
+                else:
+                    pinned[key] = n - 1
+        finally:
+            self._clock = clock
+        if len(heap) > 64 and len(heap) > 2 * len(prio):
+            self._rebuild()
 
     def __contains__(self, key: Key) -> bool:
         return key in self._prio

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._util import check_capacity, not_resident
+from ._util import already_resident, check_capacity, not_resident
 from ._heap import HeapPolicy
 from .base import register_policy
 
@@ -97,6 +97,31 @@ class BeladyPolicy(HeapPolicy):
         self._use[key] = nu
         self._prio[key] = -nu
 
+    def access_and_pin(self, key) -> None:
+        if key not in self._prio:
+            raise not_resident(key)
+        t = self._t
+        if t >= len(self._future) or self._future[t] != key:
+            self._consume(key)  # raises with the details
+        self._t = t + 1
+        nu = self._next[t]
+        self._use[key] = nu
+        self._prio[key] = -nu
+        self._pinned[key] = self._pinned.get(key, 0) + 1
+
+    def insert_and_pin(self, key, size: int = 1) -> None:
+        if key in self._prio:
+            raise already_resident(key)
+        t = self._t
+        if t >= len(self._future) or self._future[t] != key:
+            self._consume(key)
+        self._t = t + 1
+        nu = self._next[t]
+        self._use[key] = nu
+        self._prio[key] = -nu
+        self._stamp[key] = 0
+        self._pinned[key] = 1
+
     def _on_insert(self, key, size):
         self._consume(key)
 
@@ -104,4 +129,7 @@ class BeladyPolicy(HeapPolicy):
         self._consume(key)
 
     def _on_forget(self, key):
+        del self._use[key]
+
+    def _drop(self, key, prio):
         del self._use[key]

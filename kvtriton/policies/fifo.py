@@ -39,9 +39,6 @@ class FIFOPolicy(EvictionPolicy):
         if key not in self._queue and key not in self._parked:
             raise not_resident(key)
 
-    def access_and_pin(self, key: Key) -> None:
-        self.pin(key)
-
     def remove(self, key: Key) -> None:
         if key in self._queue:
             del self._queue[key]
@@ -82,6 +79,30 @@ class FIFOPolicy(EvictionPolicy):
             self._parked.discard(key)
             self._queue[key] = None
             self._queue.move_to_end(key, last=False)
+
+    def unpin_many(self, keys) -> None:
+        pinned, parked, queue = self._pinned, self._parked, self._queue
+        for key in keys:
+            n = pinned.get(key)
+            if n == 1:
+                del pinned[key]
+                if key in parked:
+                    parked.discard(key)
+                    queue[key] = None
+                    queue.move_to_end(key, last=False)
+            elif n is None:
+                raise not_pinned(key)
+            else:
+                pinned[key] = n - 1
+
+    def access_and_pin(self, key: Key) -> None:
+        n = self._pinned.get(key)
+        if n is not None:
+            self._pinned[key] = n + 1
+        elif key in self._queue:
+            self._pinned[key] = 1
+        else:
+            raise not_resident(key)
 
     def __contains__(self, key: Key) -> bool:
         return key in self._queue or key in self._parked

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._util import check_capacity
+from ._util import already_resident, check_capacity, not_resident
 from ._heap import HeapPolicy
 from .base import register_policy
 
@@ -32,10 +32,30 @@ class LFUPolicy(HeapPolicy):
         self._freq[key] = f
         self._prio[key] = self.age + f
 
+    def access_and_pin(self, key) -> None:
+        f = self._freq.get(key)
+        if f is None:
+            raise not_resident(key)
+        self._freq[key] = f + 1
+        self._prio[key] = self.age + f + 1
+        self._pinned[key] = self._pinned.get(key, 0) + 1
+
+    def insert_and_pin(self, key, size: int = 1) -> None:
+        if key in self._prio:
+            raise already_resident(key)
+        self._freq[key] = 1
+        self._prio[key] = self.age + 1
+        self._stamp[key] = 0
+        self._pinned[key] = 1
+
     def _on_evict(self, key, prio):
         self.age = prio
 
     def _on_forget(self, key):
+        del self._freq[key]
+
+    def _drop(self, key, prio):
+        self.age = prio
         del self._freq[key]
 
     def frequency(self, key) -> int:

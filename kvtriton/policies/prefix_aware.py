@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ._util import check_capacity
+import heapq
+
+from ._util import check_capacity, not_pinned
 from ._heap import HeapPolicy
 from .base import register_policy
 
@@ -69,6 +71,39 @@ class PrefixAwarePolicy(HeapPolicy):
             self._prio[key] = self.beta * self._evictions / self._cap() + self._refs[key]
         super()._push(key)
 
+    def unpin_many(self, keys) -> None:
+        # The replay's hot path: priorities set and entries pushed inline.
+        pinned, stamp, prio, refs, heap = self._pinned, self._stamp, self._prio, self._refs, self._heap
+        push = heapq.heappush
+        base = self.beta * self._evictions / self._cap()
+        dead = self._dead
+        clock = self._clock
+        try:
+            for key in keys:
+                n = pinned.get(key)
+                if n == 1:
+                    del pinned[key]
+                    p = DEAD if key == dead else base + refs[key]
+                    prio[key] = p
+                    clock += 1
+                    stamp[key] = clock
+                    push(heap, (p, clock, key))
+                elif n is None:
+                    raise not_pinned(key)
+                else:
+                    pinned[key] = n - 1
+        finally:
+            self._clock = clock
+        if len(heap) > 64 and len(heap) > 2 * len(prio):
+            self._rebuild()
+
+    def access_and_pin(self, key) -> None:
+        r = self._refs.get(key)
+        if r is None:
+            raise not_resident(key)
+        self._refs[key] = r + 1
+        self._pinned[key] = self._pinned.get(key, 0) + 1
+
     def _on_insert(self, key, size):
         self._refs[key] = self._history.pop(key, 0) + 1
         self._prio[key] = 0.0
@@ -78,13 +113,17 @@ class PrefixAwarePolicy(HeapPolicy):
     def _on_access(self, key):
         self._refs[key] += 1
 
-    def _on_evict(self, key, prio):
+    def _drop(self, key, prio):
         self._evictions += 1
         hist = self._history
-        hist[key] = self._refs[key]
-        limit = self._history_limit if self._history_limit is not None else max(8 * self._cap(), 1 << 17)
-        while len(hist) > limit:
+        hist[key] = self._refs.pop(key)
+        if len(hist) > self._limit():
             hist.popitem(last=False)
+
+    def _limit(self):
+        if self._history_limit is not None:
+            return self._history_limit
+        return max(8 * self._cap(), 1 << 17)
 
     def _on_forget(self, key):
         del self._refs[key]

@@ -42,6 +42,8 @@ class S3FIFOPolicy(EvictionPolicy):
         self._pinned: dict = {}
         self._parked: dict = {}                   # key -> the queue it was parked from
         self._high_water = 0
+        if capacity is not None:
+            self._targets = (self._small_target(), self._ghost_limit())
 
     def _cap(self):
         if self._capacity is not None:
@@ -53,6 +55,9 @@ class S3FIFOPolicy(EvictionPolicy):
 
     def _small_target(self):
         return max(1, int(self._cap() * self.small_ratio))
+
+    def _ghost_limit(self):
+        return max(1, self._cap() - self._small_target())
 
     def _add(self, key):
         if key in self._freq:
@@ -66,13 +71,23 @@ class S3FIFOPolicy(EvictionPolicy):
         if self._capacity is None:
             self._cap()
 
+    def insert_and_pin(self, key: Key, size: int = 1) -> None:
+        freq = self._freq
+        if key in freq:
+            raise already_resident(key)
+        freq[key] = 0
+        if key in self._ghost:
+            del self._ghost[key]
+            self._main[key] = None
+        else:
+            self._small[key] = None
+        self._pinned[key] = 1
+        if self._capacity is None:
+            self._cap()
+
     def insert(self, key: Key, size: int = 1) -> None:
         check_size(size)
         self._add(key)
-
-    def insert_and_pin(self, key: Key, size: int = 1) -> None:
-        self._add(key)
-        self._pinned[key] = 1
 
     def access(self, key: Key) -> None:
         f = self._freq.get(key)
@@ -104,17 +119,24 @@ class S3FIFOPolicy(EvictionPolicy):
         if len(self._freq) == len(self._pinned):
             raise empty()
         small, main, freq, pinned = self._small, self._main, self._freq, self._pinned
-        target = self._small_target()
+        if self._capacity is not None:
+            target, glimit = self._targets
+        else:
+            target, glimit = self._small_target(), self._ghost_limit()
+        threshold = self.move_to_main_threshold
         while True:
             if small and (len(small) >= target or not main):
                 key = small.popitem(last=False)[0]
                 if key in pinned:
                     self._parked[key] = small
-                elif freq[key] >= self.move_to_main_threshold:
+                elif freq[key] >= threshold:
                     main[key] = None
                 else:
                     del freq[key]
-                    self._remember(key)
+                    ghost = self._ghost
+                    ghost[key] = None
+                    if len(ghost) > glimit:
+                        ghost.popitem(last=False)
                     return key
             else:
                 key = main.popitem(last=False)[0]
@@ -126,13 +148,6 @@ class S3FIFOPolicy(EvictionPolicy):
                 else:
                     del freq[key]
                     return key
-
-    def _remember(self, key):
-        ghost = self._ghost
-        ghost[key] = None
-        limit = max(1, self._cap() - self._small_target())
-        while len(ghost) > limit:
-            ghost.popitem(last=False)
 
     def pin(self, key: Key) -> None:
         if key not in self._freq:
@@ -151,6 +166,22 @@ class S3FIFOPolicy(EvictionPolicy):
         if queue is not None:
             queue[key] = None
             queue.move_to_end(key, last=False)
+
+    def unpin_many(self, keys) -> None:
+        pinned, parked = self._pinned, self._parked
+        for key in keys:
+            n = pinned.get(key)
+            if n == 1:
+                del pinned[key]
+                if parked:
+                    queue = parked.pop(key, None)
+                    if queue is not None:
+                        queue[key] = None
+                        queue.move_to_end(key, last=False)
+            elif n is None:
+                raise not_pinned(key)
+            else:
+                pinned[key] = n - 1
 
     def __contains__(self, key: Key) -> bool:
         return key in self._freq

@@ -27,8 +27,11 @@ request stream the way a continuous-batching engine does, on real device memory:
 - **Completion.** A sequence that has produced ``output_length`` tokens releases its cache; its full
   prompt blocks stay in the prefix cache, evictable under the policy (last blocks first).
 - **Compaction.** Every ``compaction_check_every`` steps the pool's external fragmentation is read;
-  above ``compaction_threshold`` the pool is compacted (live blocks moved with ``move_blocks``, emptied
-  chunks returned to the arena), timed apart from the steps.
+  above ``compaction_threshold``, and when packing the live (used and cached) blocks would empty at
+  least one chunk, the pool is compacted (``CachePool.compact``: live blocks moved with
+  ``move_blocks``, emptied chunks returned to the arena, block tables updated), timed apart from the
+  steps. The pool claims all its chunks up front (``preallocate``) and grows back into returned ones
+  on demand.
 
 **Trace blocks to pool blocks.** A request's ``hash_ids`` name prefixes of ``block_tokens`` tokens (512
 in the Mooncake traces); pool blocks hold ``block_size`` tokens (16 by default). Pool block ``k`` covers

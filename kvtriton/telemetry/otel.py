@@ -61,6 +61,20 @@ class Instrumentation:
         # An explicit provider's tracer never changes kind: decide once. The global proxy may gain a
         # real provider later, so it is re-checked until it has one.
         self._fixed: bool | None = None if isinstance(self.tracer, trace.ProxyTracer) else is_tracing(self.tracer)
+        self._meter_fixed: bool | None = (None if meter_provider is None
+                                          else not isinstance(self.meter, metrics.NoOpMeter))
+
+    @property
+    def metering(self) -> bool:
+        """Whether synchronous instruments would record anything (checked like ``tracing``)."""
+        fixed = self._meter_fixed
+        if fixed is not None:
+            return fixed
+        from opentelemetry.metrics import _internal as _mi
+        if _mi._METER_PROVIDER is None:  # noqa: SLF001 - no global provider set yet: no-op
+            return False
+        self._meter_fixed = not isinstance(_mi._METER_PROVIDER, metrics.NoOpMeterProvider)
+        return self._meter_fixed
 
     @property
     def tracing(self) -> bool:
