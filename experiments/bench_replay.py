@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -53,7 +54,8 @@ def plain_lru(requests, capacity):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"))
+    ap.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "mooncake" /
+                                           "conversation_trace.jsonl"))
     ap.add_argument("--policies", default=",".join(available_policies()))
     ap.add_argument("--capacities", default=",".join(map(str, CAPACITIES)))
     ap.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
@@ -86,14 +88,22 @@ def main(argv=None):
     ours_t = []
     for _ in range(args.repeats):
         ours_t.append(simulate(requests, "lru", 10_000, order="forward")["seconds"])
+    ours_s = statistics.median(ours_t)
     print(f"baseline plain-Python LRU: {refs / base_s / 1e6:.2f} M refs/s (median of {args.repeats}, "
-          f"hit rate {hits / refs:.4f}); kvtriton LRU replay, same run: {refs / statistics.median(ours_t) / 1e6:.2f} "
-          f"M refs/s (ratio {base_s / statistics.median(ours_t):.2f})")
+          f"hit rate {hits / refs:.4f}); kvtriton LRU replay (pins, policy interface), same run: "
+          f"{refs / ours_s / 1e6:.2f} M refs/s (ratio {base_s / ours_s:.2f})")
 
+    def cpu():
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+    c0 = cpu()
     t0 = time.perf_counter()
     df = miss_ratio_curve(requests, policies=policies, capacities=capacities, workers=args.workers,
                           progress=not args.no_progress)
     wall = time.perf_counter() - t0
+    cpu_s = cpu() - c0
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     total_refs = refs_per_run * len(df)
     cpu = float(df["seconds"].sum())
     print()
@@ -106,13 +116,17 @@ def main(argv=None):
           f"{total_refs / 1e6:.2f} M block references in {wall:.2f} s wall ({cpu:.2f} s in the runs), "
           f"{total_refs / wall / 1e6:.2f} M refs/s overall, {total_refs / cpu / 1e6:.2f} M refs/s per process; "
           f"plain-Python LRU baseline {refs / base_s / 1e6:.2f} M refs/s per process")
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    print(f"CPU time of the curve (all processes): {cpu_s:.2f} s, i.e. about {cpu_s / ncpu:.1f} s of wall "
+          f"time on {ncpu} otherwise idle cores; load average after: {load_after}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "bench_replay.csv", index=False)
     summary = {"machine": machine, "trace": str(args.trace), "requests": len(requests),
                "references_per_run": refs_per_run, "runs": len(df), "wall_seconds": wall,
-               "run_seconds": cpu, "refs_per_second_overall": total_refs / wall,
+               "run_seconds": cpu, "cpu_seconds": cpu_s, "loadavg_after": load_after,
+               "refs_per_second_overall": total_refs / wall,
                "baseline_plain_lru_refs_per_second": refs / base_s,
                "replay_lru_refs_per_second": refs / statistics.median(ours_t),
                "workers": args.workers, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

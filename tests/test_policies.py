@@ -49,7 +49,10 @@ def test_bad_calls_raise_and_change_nothing(name):
         p.remove(2)
     with pytest.raises(ValueError):
         p.unpin(1)
-    assert len(p) == 1 and p.num_evictable == 1
+    for size in (0, -3):
+        with pytest.raises(ValueError, match="size"):
+            p.insert(5, size=size)
+    assert len(p) == 1 and p.num_evictable == 1 and 5 not in p
     with pytest.raises(ValueError, match="capacity"):
         make_policy(name, capacity=0)
 
@@ -348,3 +351,28 @@ def test_fused_hooks_match_the_primitive_calls():
 def test_base_class_is_abstract():
     with pytest.raises(TypeError):
         EvictionPolicy()
+
+
+def test_prefix_aware_dead_tail_history_and_priority():
+    from kvtriton.policies import PrefixAwarePolicy
+    from kvtriton.workloads.request import Request
+
+    p = PrefixAwarePolicy(capacity=4, beta=2.0)
+    r = Request(request_id=0, arrival_s=0.0, input_length=1100, output_length=1, hash_ids=(1, 2, 3))
+    p.on_request(r.hash_ids, 0, r)          # 1100 tokens: block 3 holds 76 of 512, a dead tail
+    for k in r.hash_ids:
+        p.insert_and_pin(k)
+    p.unpin_many(reversed(r.hash_ids))
+    assert p.priority(3) == float("-inf")
+    assert p.priority(1) == p.priority(2) == 1.0   # 2 * 0 evictions / 4 + 1 reference
+    assert p.victim() == 3
+    assert p.victim() == 2                  # tie with 1: released first (the tail goes first)
+    full = Request(request_id=1, arrival_s=0.0, input_length=1024, output_length=1, hash_ids=(1, 2))
+    p.on_request(full.hash_ids, 1, full)    # fills its blocks: nothing dead
+    p.access_and_pin(1)
+    p.insert_and_pin(2)
+    assert p.references(2) == 2             # remembered across its eviction
+    p.unpin_many([2, 1])
+    assert p.priority(2) == 2.0 * 2 / 4 + 2 and p.priority(1) == 1.0 + 2
+    with pytest.raises(ValueError, match="beta"):
+        PrefixAwarePolicy(beta=0)

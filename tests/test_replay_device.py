@@ -8,6 +8,9 @@ import math
 
 import pytest
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from kvtriton import ops
 from kvtriton.replay.device import SUMMARY_KEYS, DeviceReplayConfig, replay_device
 from kvtriton.spec import get_spec
@@ -260,3 +263,81 @@ def test_mooncake_trace_scaled_down(traces_dir):
     assert s["completed"] == 12
     assert s["lookup_blocks"] == sum(min(r.input_length, 1024) // 16 for r in reqs)
     assert s["hit_blocks"] >= 11 * 32  # every prompt starts with the trace's shared block 0
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_workloads_keep_invariants(data):
+    """Random prompts sharing random prefixes, random capacities and batch limits: every step leaves the
+    pool valid and the replay's block tables equal to the caches'; everything completes."""
+    n = data.draw(st.integers(1, 7), label="requests")
+    reqs = []
+    for i in range(n):
+        shared = data.draw(st.integers(0, 3), label="shared blocks")
+        own = data.draw(st.integers(0, 3), label="own blocks")
+        ids = list(range(shared)) + [100 * (i + 1) + k for k in range(own)]
+        n_in = max(1, len(ids) * 16 - data.draw(st.integers(0, 15), label="short by"))
+        ids = ids[: -(-n_in // 16)] or [1000 + i]
+        reqs.append(req(i, ids, n_in, data.draw(st.integers(1, 24), label="output"),
+                        t=data.draw(st.floats(0, 0.05), label="arrival")))
+    reqs.sort(key=lambda r: r.arrival_s)
+    need = max(-(-(r.input_length + r.output_length - 1) // 16) for r in reqs)
+    cap = need + data.draw(st.integers(0, 12), label="extra capacity")
+    c = cfg(max_batch=data.draw(st.integers(1, 4), label="max_batch"), check_invariants=True,
+            compaction_threshold=data.draw(st.sampled_from([None, 0.1])), compaction_check_every=2,
+            chunk_bytes=2 * TINY1.bytes_per_block)
+    policy = data.draw(st.sampled_from(["lru", "fifo", "s3fifo", "sieve", "adaptive"]), label="policy")
+    res = replay_device(reqs, TINY1, policy, capacity_blocks=cap, config=c)
+    check_sane(res, reqs)
+
+
+def mreq(i, model, ids, n_in, n_out, t=0.0):
+    return Request(request_id=i, arrival_s=t, input_length=n_in, output_length=n_out, hash_ids=tuple(ids),
+                   block_tokens=16, model=model)
+
+
+def test_several_models_share_one_arena():
+    """VISTA and DeepSeek-OCR pools in one arena: the VISTA pool's cached blocks fill it, so the first
+    DeepSeek-OCR request gets its chunks back by a compaction that evicts them."""
+    specs = {"vista": get_spec("vista").with_(num_layers=1), "deepseek-ocr": get_spec("deepseek-ocr").with_(num_layers=1)}
+    # 64 KiB and 80 KiB blocks; the arena is two chunks of 2 MiB: 64 VISTA blocks
+    reqs = [mreq(i, "vista", [10 * i + k for k in range(5)], 76, 4, t=0.1 * i) for i in range(12)]
+    reqs += [mreq(12 + i, "deepseek-ocr", [500 + 10 * i + k for k in range(5)], 80, 6, t=5.0 + 0.1 * i)
+             for i in range(3)]
+    res = replay_device(reqs, specs, "lru", budget_bytes=4 << 20,
+                        config=cfg(check_invariants=True, max_batch=4))
+    s = res.summary
+    assert s["completed"] == 15 and s["vista.completed"] == 12 and s["deepseek-ocr.completed"] == 3
+    assert s["capacity_blocks"] == 0 and s["arena_bytes"] == 4 << 20
+    assert s["compactions"] >= 1 and s["chunks_returned"] >= 1
+    assert s["decode_tokens"] == 12 * 3 + 3 * 5
+    assert max(r["vista.held_bytes"] for r in res.timeseries) == 4 << 20
+    assert max(r["deepseek-ocr.held_bytes"] for r in res.timeseries) > 0
+    assert all(r["vista.held_bytes"] + r["deepseek-ocr.held_bytes"] <= 4 << 20 for r in res.timeseries)
+    check_sane_multi = [row for row in res.requests if row["model"] == "deepseek-ocr"]
+    assert len(check_sane_multi) == 3
+
+
+def test_model_none_routes_by_request_field():
+    from kvtriton.workloads import design_mix_workload
+    reqs = design_mix_workload(8, vista_fraction=0.5, output_tokens=2, block_tokens=16, seed=4)
+    res = replay_device(reqs, None, "lru", budget_bytes=32 << 20, config=cfg(num_layers=1))
+    s = res.summary
+    assert s["completed"] == 8 and set(s["model"].split(",")) == {r.model for r in reqs}
+    assert sum(s[f"{m}.requests"] for m in s["model"].split(",")) == 8
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: replay_device([mreq(0, "vista", [1], 20, 2)], {"vista": "vista", "deepseek-ocr": "deepseek-ocr"},
+                           "lru", capacity_blocks=50, config=cfg(num_layers=1)), "budget_bytes"),
+    (lambda: replay_device([mreq(0, "llama", [1], 20, 2)], {"vista": "vista", "deepseek-ocr": "deepseek-ocr"},
+                           "lru", budget_bytes=8 << 20, config=cfg(num_layers=1)), "must be one of"),
+    (lambda: replay_device([req(0, [1], 20, 2)], None, "lru", budget_bytes=8 << 20, config=cfg()), "model=None"),
+    (lambda: replay_device([mreq(0, "vista", [1], 20, 2)], {}, "lru", budget_bytes=8 << 20, config=cfg()),
+     "at least one"),
+    (lambda: replay_device([mreq(0, "vista", [1], 2000, 2)], {"vista": "vista", "deepseek-ocr": "deepseek-ocr"},
+                           "lru", budget_bytes=4 << 20, config=cfg(num_layers=1)), "below one request"),
+])
+def test_several_models_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -102,3 +102,17 @@ def test_explicit_provider_is_used(otel):
     assert span.attributes == {"pool": "p", "blocks": 3}
     with pytest.raises(ValueError, match="kind"):
         inst.observe("x", "histogram", "1", "", lambda: [])
+
+
+def test_every_pool_reports_under_one_meter(otel):
+    tp, _, mp, reader = otel
+    with GPUMemoryAllocator(devices=["cpu"], budget_bytes=64 << 10, chunk_bytes=4096,
+                            tracer_provider=tp, meter_provider=mp) as alloc:
+        a, b = alloc.create_pool("a", SMALL), alloc.create_pool("b", SMALL)
+        a.request(5)
+        b.request(9)
+        m = _metrics(reader)
+        used = {p.attributes["pool"]: p.value for p in m["kvtriton.pool.blocks"]
+                if p.attributes["state"] == "used_blocks"}
+        assert used == {"a": 2, "b": 3}
+        assert {p.attributes["pool"] for p in m["kvtriton.pool.allocation.duration"]} == {"a", "b"}

@@ -211,15 +211,6 @@ def _rows(series) -> list[dict]:
     return [{k: _scalar(v) for k, v in dict(r).items()} for r in series]
 
 
-def _thin(rows: list[dict], every: int) -> list[dict]:
-    if every <= 1 or len(rows) <= 2:
-        return rows
-    kept = rows[::every]
-    if kept[-1] is not rows[-1]:
-        kept.append(rows[-1])
-    return kept
-
-
 def run_fast(cfg: DictConfig, requests: list, progress: bool) -> tuple[dict, list[dict]]:
     """The fast (tensor-free) prefix-cache simulation of ``cfg.policy`` at ``cfg.pool.capacity_blocks``.
 
@@ -227,8 +218,9 @@ def run_fast(cfg: DictConfig, requests: list, progress: bool) -> tuple[dict, lis
     (e.g. ``order``)."""
     from kvtriton.replay import fast
 
+    every = cfg.replay.series_every or max(1, len(requests) // 200)
     out = _call(fast.simulate, requests, str(cfg.policy.name), int(cfg.pool.capacity_blocks),
-                sample_every=int(cfg.replay.series_every), policy_kwargs=plain(cfg.policy.params) or None,
+                sample_every=int(every), policy_kwargs=plain(cfg.policy.params) or None,
                 progress=progress, **(plain(cfg.replay.params) or {}))
     metrics, series = _split(out)
     if metrics.get("seconds"):
@@ -253,7 +245,7 @@ def run_device(cfg: DictConfig, requests: list, device: str, progress: bool) -> 
                  max_batch=int(r.max_batch), prefill_s_per_token=float(r.prefill_s_per_token),
                  compaction_threshold=cfg.pool.compaction_threshold,
                  compaction_check_every=int(r.compaction_check_every),
-                 chunk_bytes=int(float(cfg.pool.chunk_mb) * 2**20), record_every=int(r.series_every),
+                 chunk_bytes=int(float(cfg.pool.chunk_mb) * 2**20), record_every=int(r.series_every or 1),
                  seed=int(r.seed))
     knobs.update(plain(r.params) or {})
     unknown = sorted(set(knobs) - fields)

@@ -101,6 +101,7 @@ class WorkloadConf:
     traces_dir: Optional[str] = None   # Mooncake traces only
     trace_path: Optional[str] = None   # Mooncake traces only; a file, overrides traces_dir
     seed: int = 0                      # synthetic workloads only
+    replay_mode: ReplayMode = ReplayMode.device  # the mode replay=auto runs
 
 
 @dataclass
@@ -119,7 +120,8 @@ class ReplayConf:
     max_batch: int = 64                         # device: running sequences at most
     prefill_s_per_token: float = 1e-4           # device: prefill cost model
     compaction_check_every: int = 16            # device: steps between fragmentation checks
-    series_every: int = 1                       # a time-series point every N steps (device) / requests (fast)
+    series_every: Optional[int] = None          # a time-series point every N steps (device) / requests
+                                                # (fast); None: every step / about 200 points
     progress: bool = True
     seed: int = 0
     params: Dict[str, Any] = field(default_factory=dict)  # passed to the replay function as is
@@ -297,7 +299,7 @@ def validate(cfg: DictConfig) -> None:
     if not (pst >= 0 and pst != float("inf")):
         raise ConfigError("replay.prefill_s_per_token", pst, "a finite number >= 0")
     _positive_int("replay.compaction_check_every", get("replay.compaction_check_every"))
-    _positive_int("replay.series_every", get("replay.series_every"))
+    _positive_int("replay.series_every", get("replay.series_every"), allow_none=True)
 
     # telemetry
     if get("telemetry.exporter") == Exporter.otlp:

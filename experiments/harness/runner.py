@@ -119,10 +119,10 @@ def execute(cfg: DictConfig, run_dir, *, overrides: Iterable[str] = (), job_num:
     _print_summary(run_name, metrics)
 
     if cfg.logger.kind.value == "wandb":
-        from .wandb_log import log_run
-
         files = [run_dir / store.RESULT_FILE] + ([run_dir / result["series_file"]] if result.get("series_file") else [])
         try:
+            from .wandb_log import log_run
+
             info = log_run(cfg.logger, run_dir=run_dir, resolved=dict(resolved, _config_hash=h),
                            name=run_name or "default", group=group, metrics=metrics, series=series,
                            tables=tables, result_files=files, job_type=str(cfg.task.value))

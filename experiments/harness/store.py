@@ -250,7 +250,8 @@ def load_results(paths, dedupe: bool = True):
                "model": (cfg.get("model") or {}).get("preset")}
         row.update(_flatten(cfg, "config."))
         for k, v in (res.get("metrics") or {}).items():
-            row[k] = v
+            # the configured names stay in the shortcut columns (``arc``, not the registry's ``adaptive``)
+            row[f"result.{k}" if k in row else k] = v
         rows.append(row)
     df = pd.DataFrame(rows)
     if dedupe and len(df):

@@ -52,7 +52,11 @@ def log_run(lcfg, *, run_dir: Path, resolved: Mapping, name: str, group: str | N
         if series:
             for i, point in enumerate(series):
                 row = {k: v for k, v in point.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                run.log(row, step=int(point.get("step", i)))
+                last = int(point.get("step", i))
+                run.log(row, step=last)
+            # W&B holds the last step's row until a later step or finish() and then copies it into the
+            # summary; commit it now so that the summary below is final.
+            run.log({}, step=last, commit=True)
         run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
         if lcfg.log_artifacts:
             art = wandb.Artifact(name=f"results-{run.id}", type="results",
@@ -152,4 +156,7 @@ def read_offline_run(path) -> dict[str, Any]:
                 out["config"][_item_key(item)] = json.loads(item.value_json)
         elif kind == "artifact":
             out["artifacts"].append(rec.artifact.name)
+    # W&B keeps each config entry as {"value": ..., "desc": ...}
+    out["config"] = {k: v["value"] if isinstance(v, dict) and "value" in v else v
+                     for k, v in out["config"].items()}
     return out

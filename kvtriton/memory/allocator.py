@@ -117,7 +117,7 @@ class GPUMemoryAllocator:
         def read():
             alloc = ref()
             if alloc is None or alloc._closed:
-                return []
+                return None
             return [(a.free_chunks, {"device": str(d)}) for d, a in alloc.arenas.items()]
 
         self._tel.observe("kvtriton.arena.free_chunks", "gauge", "{chunk}", "Free arena chunks", read)

@@ -7,7 +7,12 @@ Block ids index ONE strided view of the whole arena for this pool::
 so block ``i`` is the byte range ``[i*B, (i+1)*B)`` and per layer ``K = view[:, l, 0]``,
 ``V = view[:, l, 1]`` are the NHD caches ``[n, block_size, H, D]`` the kernels take (block stride
 ``L*2*block_size*H*D`` elements, no copies). A block is *usable* when every chunk it overlaps is held
-by this pool; pools of different models (different ``B``) share one arena this way.
+by this pool; pools of different models (different ``B``) share one arena this way. (Growing by runs of
+``ceil(B / chunk)`` adjacent chunks is not enough when ``B`` and the chunk size do not divide each other:
+such a run may contain no whole block. Claiming the chunks under a chosen block, cheapest first, is.)
+
+``shrink`` and ``compact`` move blocks and rewrite the owning caches' block tables: block tables, slot
+mappings and views of ids taken before them are stale. The moves are launched on the current stream.
 
 A usable block is in exactly one state: *free* (on the free list), *used* (reference count > 0) or
 *cached* (reference count 0 but registered in the prefix cache under its block hash: evictable, in
@@ -92,6 +97,8 @@ class CachePool:
         self._first_chunk = (idx * B) // C             # chunks overlapped by each block
         self._last_chunk = ((idx + 1) * B - 1) // C
         self._usable = np.zeros(n, dtype=bool)
+        # (chunks, blocks) per tiling unit where blocks and chunks tile each other, else None.
+        self._unit = (1, C // B) if C % B == 0 else (B // C, 1) if B % C == 0 else None
         self._ref = [0] * n
         self._hash: list = [None] * n
         self._free: list[int] = []        # a stack: the most recently freed block is reused first
@@ -115,14 +122,15 @@ class CachePool:
                                     {"pool": self.name, "device": str(self.device)})
         self._h_alloc = self._tel.histogram("kvtriton.pool.allocation.duration", "us",
                                             "Latency of CachePool.request")
-        self._register_metrics()
         if initial_chunks:
             with self.lock:
                 got = self._claim_chunks(initial_chunks)
                 if got < initial_chunks:
                     self._ungrow_all()
+                    self._closed = True
                     raise ValueError(f"initial_chunks={initial_chunks} but only {got} chunks could be "
                                      f"claimed from the arena of {arena.num_chunks} chunks")
+        self._register_metrics()
 
     # ------------------------------------------------------------------ telemetry
     def _register_metrics(self):
@@ -132,7 +140,7 @@ class CachePool:
             def read():
                 pool = ref()
                 if pool is None or pool._closed:
-                    return []
+                    return None
                 s = pool.stats()
                 attrs = {"pool": pool.name, "device": str(pool.device)}
                 return [(s[k] * scale, {**attrs, "state": k}) if len(keys) > 1 else (s[k] * scale, attrs)
@@ -174,10 +182,8 @@ class CachePool:
             max_blocks = width
         elif max_blocks < width:
             raise ValueError(f"max_blocks must be >= {width} (the longest block table), got {max_blocks}")
-        table = torch.zeros(len(rows), max_blocks, dtype=torch.int32)
-        for i, r in enumerate(rows):
-            if r:
-                table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.int32)
+        table = table.view(len(rows), max_blocks)
         seq = torch.tensor(lens, dtype=torch.int32)
         return table.to(self.device), seq.to(self.device)
 
@@ -521,6 +527,8 @@ class CachePool:
     def _claim_chunks(self, k: int) -> int:
         """Claim ``k`` more chunks (for ``initial_chunks``); returns the number claimed."""
         before = self._chunks_held
+        if self._unit is not None:  # whole tiling units only
+            k = -(-k // self._unit[0]) * self._unit[0]
         self._grow_blocks(1 << 62, min_chunks=k, max_new_chunks=k)
         return self._chunks_held - before
 
@@ -534,43 +542,17 @@ class CachePool:
             limit = max_new_chunks if limit is None else min(limit, max_new_chunks)
         if limit is not None and limit <= 0:
             return []
-        arena, me = self.arena, self.pool_id
-        fc, lc = self._first_chunk, self._last_chunk
-        B, C, n = self.block_bytes, arena.chunk_bytes, self.num_blocks
-        claimed: list[int] = []
-        newly: list[int] = []
+        arena, C = self.arena, self.arena.chunk_bytes
         with arena.lock:
             owner = arena.owner
             if arena.n_free == 0:
                 return []
-            not_ok = np.concatenate(([0], np.cumsum((owner != FREE) & (owner != me))))
-            is_free = np.concatenate(([0], np.cumsum(owner == FREE)))
-            feasible = (not_ok[lc + 1] - not_ok[fc]) == 0
-            cost = is_free[lc + 1] - is_free[fc]
-            cand = np.flatnonzero(feasible & (cost > 0))
-            # Cheapest first: blocks straddling chunks already held, then one new chunk per block.
-            order = cand[np.argsort(cost[cand], kind="stable")]
-            usable = self._usable
-            for b in order.tolist():
-                if len(newly) >= need and len(claimed) >= min_chunks:
-                    break
-                if limit is not None and len(claimed) >= limit:
-                    break
-                new_chunks = [c for c in range(int(fc[b]), int(lc[b]) + 1) if owner[c] == FREE]
-                if not new_chunks:
-                    continue
-                if limit is not None and len(claimed) + len(new_chunks) > limit:
-                    continue
-                owner[new_chunks] = me
-                arena.n_free -= len(new_chunks)
-                claimed.extend(new_chunks)
-                lo = (new_chunks[0] * C) // B
-                hi = min(n - 1, ((new_chunks[-1] + 1) * C - 1) // B)
-                for bb in range(lo, hi + 1):
-                    if not usable[bb] and (owner[fc[bb]: lc[bb] + 1] == me).all():
-                        usable[bb] = True
-                        newly.append(bb)
+            if self._unit is not None:
+                claimed, newly = self._grow_aligned(owner, need, min_chunks, limit)
+            else:
+                claimed, newly = self._grow_general(owner, need, min_chunks, limit)
         if claimed:
+            arena.n_free -= len(claimed)
             newly.sort(reverse=True)  # low ids are popped first
             self._free[:0] = newly    # behind recently freed blocks, which are reused first
             self._capacity += len(newly)
@@ -582,6 +564,76 @@ class CachePool:
                                     bytes=len(claimed) * C):
                     pass
         return claimed
+
+    def _grow_aligned(self, owner, need, min_chunks, limit):
+        """Growth when blocks and chunks tile each other (``chunk % B == 0`` or ``B % chunk == 0``):
+        units of ``uc`` chunks hold exactly ``ub`` blocks, so whole units are claimed, first ones first."""
+        uc, ub = self._unit
+        me = self.pool_id
+        units = len(owner) // uc
+        o = owner[: units * uc].reshape(units, uc)
+        if uc == 1:
+            eligible = np.flatnonzero(o[:, 0] == FREE)
+        else:
+            # A unit partly held (after a shrink took one of its chunks) is finished first.
+            ok = ((o == FREE) | (o == me)).all(axis=1) & ~(o == me).all(axis=1)
+            eligible = np.flatnonzero(ok)
+            eligible = eligible[np.argsort((o[eligible] == FREE).sum(axis=1), kind="stable")]
+        m = max(-(-need // ub), -(-min_chunks // uc))
+        if limit is not None:
+            m = min(m, limit // uc)
+        chosen = eligible[:m]
+        if chosen.size == 0:
+            return [], []
+        chunks = (chosen[:, None] * uc + np.arange(uc)).ravel()
+        chunks = chunks[owner[chunks] == FREE]
+        owner[chunks] = me
+        blocks = (chosen[:, None] * ub + np.arange(ub)).ravel()
+        blocks = blocks[blocks < self.num_blocks]
+        self._usable[blocks] = True
+        return chunks.tolist(), blocks.tolist()
+
+    def _grow_general(self, owner, need, min_chunks, limit):
+        """Growth for any block and chunk sizes: claim the chunks under chosen blocks, cheapest first."""
+        me = self.pool_id
+        fc, lc = self._first_chunk, self._last_chunk
+        B, C, n = self.block_bytes, self.arena.chunk_bytes, self.num_blocks
+        claimed: list[int] = []
+        newly: list[int] = []
+        not_ok = np.concatenate(([0], np.cumsum((owner != FREE) & (owner != me))))
+        is_free = np.concatenate(([0], np.cumsum(owner == FREE)))
+        feasible = (not_ok[lc + 1] - not_ok[fc]) == 0
+        cost = is_free[lc + 1] - is_free[fc]
+        feasible &= cost > 0
+        usable = self._usable
+        for b in self._cheapest_first(feasible, cost):
+            if len(newly) >= need and len(claimed) >= min_chunks:
+                break
+            if limit is not None and len(claimed) >= limit:
+                break
+            new_chunks = [c for c in range(int(fc[b]), int(lc[b]) + 1) if owner[c] == FREE]
+            if not new_chunks:
+                continue
+            if limit is not None and len(claimed) + len(new_chunks) > limit:
+                continue
+            owner[new_chunks] = me
+            claimed.extend(new_chunks)
+            lo = (new_chunks[0] * C) // B
+            hi = min(n - 1, ((new_chunks[-1] + 1) * C - 1) // B)
+            for bb in range(lo, hi + 1):
+                if not usable[bb] and (owner[fc[bb]: lc[bb] + 1] == me).all():
+                    usable[bb] = True
+                    newly.append(bb)
+        return claimed, newly
+
+    @staticmethod
+    def _cheapest_first(mask, cost):
+        """Indices where ``mask`` holds, by increasing ``cost`` then index, produced lazily (a growth
+        usually stops after a few)."""
+        for c in np.flatnonzero(np.bincount(cost[mask])).tolist():
+            idx = np.flatnonzero(mask & (cost == c))
+            for i in range(0, idx.size, 64):
+                yield from idx[i:i + 64].tolist()
 
     def _blocks_overlapping(self, chunks) -> np.ndarray:
         """Usable blocks overlapping any chunk in ``chunks``."""
@@ -615,8 +667,9 @@ class CachePool:
             self._ungrow(held)
 
     def grow(self, num_chunks: int | None = None, *, num_blocks: int | None = None) -> int:
-        """Claim ``num_chunks`` chunks, or enough chunks for ``num_blocks`` more usable blocks, from the
-        arena now; returns the chunks claimed (fewer where the arena or ``max_chunks`` runs out)."""
+        """Claim ``num_chunks`` chunks (rounded up to whole blocks where a block spans several chunks),
+        or enough chunks for ``num_blocks`` more usable blocks, from the arena now; returns the chunks
+        claimed (fewer where the arena or ``max_chunks`` runs out)."""
         if (num_chunks is None) == (num_blocks is None):
             raise ValueError("give exactly one of num_chunks or num_blocks")
         with self.lock:

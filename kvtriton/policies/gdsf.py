@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._util import check_capacity
+from ._util import already_resident, check_capacity, check_size, not_resident
 from ._heap import HeapPolicy
 from .base import register_policy
 
@@ -42,8 +42,34 @@ class GDSFPolicy(HeapPolicy):
         self._freq[key] += 1
         self._prio[key] = self.inflation + self._value(key)
 
+    def access_and_pin(self, key) -> None:
+        f = self._freq.get(key)
+        if f is None:
+            raise not_resident(key)
+        f += 1
+        self._freq[key] = f
+        if self._cost_fn is None:
+            self._prio[key] = self.inflation + f / self._size[key]
+        else:
+            self._prio[key] = self.inflation + self._value(key)
+        self._pinned[key] = self._pinned.get(key, 0) + 1
+
+    def insert_and_pin(self, key, size: int = 1) -> None:
+        if key in self._prio:
+            raise already_resident(key)
+        if size != 1:
+            check_size(size)
+        self._on_insert(key, size)
+        self._stamp[key] = 0
+        self._pinned[key] = 1
+
     def _on_evict(self, key, prio):
         self.inflation = prio
+
+    def _drop(self, key, prio):
+        self.inflation = prio
+        del self._freq[key]
+        del self._size[key]
 
     def _on_forget(self, key):
         del self._freq[key]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 
-import heapq
-
-from ._util import check_capacity, not_pinned
+from ._util import already_resident, check_capacity, empty, not_pinned, not_resident
 from ._heap import HeapPolicy
 from .base import register_policy
 
@@ -19,9 +18,10 @@ class PrefixAwarePolicy(HeapPolicy):
 
     A block's priority (lowest evicted first) is ``beta * E / C + r``: ``E`` is the number of evictions
     so far and ``C`` the capacity, so ``E / C`` is time counted in cache turnovers, and ``r`` is the
-    number of requests that have referenced the block, *including before it was last evicted* (a
-    bounded history of ``history`` evicted keys, by default 8 x capacity and at least 131,072, remembers their counts). One more reference is worth
-    ``1 / beta`` turnovers of age. What a generic cache does not know and this policy uses:
+    number of requests that have referenced the block, *including before it was last evicted*: a
+    bounded history of ``history`` evicted keys (by default 8 x capacity, at least 131,072) remembers
+    their counts. One more reference is worth ``1 / beta`` turnovers of age. What a generic cache does
+    not know and this policy uses:
 
     - the priority is set when the block is *released* (its request completes), not when it is hit;
     - the last block of a request whose prompt does not fill it (``input_length`` not a multiple of
@@ -42,7 +42,8 @@ class PrefixAwarePolicy(HeapPolicy):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
             raise ValueError(f"beta must be a positive number, got {beta!r}")
         if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 0):
-            raise ValueError(f"history must be a non-negative int or None (8 x capacity, at least 131072), got {history!r}")
+            raise ValueError("history must be a non-negative int or None (8 x capacity, at least 131072), "
+                             f"got {history!r}")
         super().__init__()
         self.beta = float(beta)
         self._history_limit = history
@@ -97,6 +98,17 @@ class PrefixAwarePolicy(HeapPolicy):
         if len(heap) > 64 and len(heap) > 2 * len(prio):
             self._rebuild()
 
+    def insert_and_pin(self, key, size: int = 1) -> None:
+        prio = self._prio
+        if key in prio:
+            raise already_resident(key)
+        self._refs[key] = self._history.pop(key, 0) + 1
+        prio[key] = 0.0
+        self._stamp[key] = 0
+        self._pinned[key] = 1
+        if self._capacity is None and len(prio) > self._high_water:
+            self._high_water = len(prio)
+
     def access_and_pin(self, key) -> None:
         r = self._refs.get(key)
         if r is None:
@@ -124,6 +136,23 @@ class PrefixAwarePolicy(HeapPolicy):
         if self._history_limit is not None:
             return self._history_limit
         return max(8 * self._cap(), 1 << 17)
+
+    def victim(self):
+        # HeapPolicy.victim with _drop inlined: the replay calls this once per miss.
+        heap, stamp, pinned, prio, refs, hist = (self._heap, self._stamp, self._pinned, self._prio,
+                                                 self._refs, self._history)
+        if len(prio) == len(pinned):
+            raise empty()
+        pop = heapq.heappop
+        while True:
+            _, s, key = pop(heap)
+            if stamp.get(key) == s and key not in pinned:
+                del prio[key], stamp[key]
+                self._evictions += 1
+                hist[key] = refs.pop(key)
+                if len(hist) > self._limit():
+                    hist.popitem(last=False)
+                return key
 
     def _on_forget(self, key):
         del self._refs[key]

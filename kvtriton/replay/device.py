@@ -56,9 +56,16 @@ memory_s, other_s, prefill_model_s, compaction_s, used_blocks, cached_blocks, fr
 utilization, external_fragmentation, internal_fragmentation, evictions, preemptions, completed,
 hit_rate`` (counts cumulative). ``requests`` has a row per request.
 
-One model per replay: every request is served by the pool of ``model`` (a request's ``model`` field is
-not consulted; replay a mixed workload's models one at a time, e.g. ``[r for r in reqs if r.model ==
-"vista"]``).
+**Several models.** With ``model`` a dict ``{name: spec}`` (or None: the presets the requests name),
+each model gets its own ``CachePool`` in ONE arena of ``budget_bytes`` (the original design's VISTA and
+DeepSeek-OCR pools): pools grow into free chunks on demand, a request is served by the pool its
+``model`` field names, admission stays first come first served across models, ``max_batch`` bounds each
+model's batch, a sequence that needs a block preempts within its own pool, and a request whose pool is
+idle but cannot get memory makes the other pools evict their cached blocks and compact, giving chunks
+back (counted as a compaction). Each step runs every model's kernels. The summary adds
+``<model>.{requests, completed, hit_rate, prefill_tokens, decode_tokens, preemptions}`` and the time
+series ``<model>.{used_blocks, held_bytes}``; ``capacity_blocks`` is 0 (``arena_bytes`` bounds them).
+With one model the request's ``model`` field is not consulted.
 
 **Step time split.** ``kernel``: the measured time of ``append_kv`` and ``paged_decode_attention``
 (CUDA events around the kernel launches on a GPU, ``perf_counter`` on the CPU); ``memory``: host time in
@@ -81,10 +88,10 @@ import torch
 
 from ..errors import PoolExhaustedError
 from ..memory.hashing import expand_hash_ids
-from ..spec import ModelSpec, get_spec, parse_dtype
+from ..spec import PRESETS, ModelSpec, get_spec, parse_dtype
 from ..workloads.request import Request
 
-__all__ = ["DeviceReplayConfig", "DeviceReplayResult", "replay_device", "resolve_device"]
+__all__ = ["DeviceReplayConfig", "DeviceReplayResult", "replay_device", "resolve_device", "SUMMARY_KEYS"]
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -102,7 +109,7 @@ class DeviceReplayConfig:
     dtype: str | None = None                  # override the model shape's dtype
     max_input_tokens: int | None = None       # truncate prompts (their hash ids stay prefix-consistent)
     max_output_tokens: int | None = None      # cap generated tokens per request
-    max_batch: int = 64                       # running sequences at most
+    max_batch: int = 64                       # running sequences at most (per model)
     prefill_s_per_token: float = 1e-4         # prefill cost model (seconds per missed prompt token)
     step_time_s: float | None = None          # clock: a step lasts this long (None: its measured wall time)
     compaction_threshold: float | None = 0.5  # external fragmentation that triggers compaction; None: never
@@ -110,6 +117,7 @@ class DeviceReplayConfig:
     chunk_bytes: int | None = None            # arena chunk size (None: about 2 MiB, whole blocks)
     preallocate: bool = True                  # claim every arena chunk up front (else grow on demand)
     record_every: int = 1                     # a time-series row every N steps
+    check_invariants: bool = False            # validate the pool after every step (slow; for tests)
     seed: int = 0
 
     def validate(self) -> None:
@@ -181,10 +189,12 @@ class _Seq:
 
     __slots__ = ("req", "idx", "arrival", "prompt_len", "output_len", "keys", "cache", "blocks",
                  "seq_len", "generated", "slot", "admitted_at", "first_token_at", "finished_at",
-                 "preemptions", "hit_blocks", "lookup_blocks", "admissions", "order")
+                 "preemptions", "hit_blocks", "lookup_blocks", "admissions", "order", "model", "m")
 
-    def __init__(self, req: Request, idx: int, arrival: float, prompt_len: int, output_len: int, keys):
-        self.req, self.idx, self.arrival = req, idx, arrival
+    def __init__(self, req: Request, idx: int, arrival: float, prompt_len: int, output_len: int, keys,
+                 model: str):
+        self.req, self.idx, self.arrival, self.model = req, idx, arrival, model
+        self.m = None             # the model's serving state (_Model)
         self.prompt_len, self.output_len, self.keys = prompt_len, output_len, keys
         self.cache = None
         self.blocks: list[int] = []
@@ -254,7 +264,7 @@ def _percentiles(xs: Sequence[float], prefix: str) -> dict:
 
 
 SUMMARY_KEYS = (
-    "device", "model", "policy", "capacity_blocks", "block_size", "num_layers", "requests", "completed",
+    "device", "model", "policy", "capacity_blocks", "arena_bytes", "block_size", "num_layers", "requests", "completed",
     "steps", "sim_time_s", "wall_s",
     "hit_rate", "token_hit_rate", "lookup_blocks", "hit_blocks", "prefill_tokens", "prefill_tokens_saved",
     "prefill_tokens_computed", "recompute_tokens", "evictions", "preemptions",
@@ -268,8 +278,8 @@ SUMMARY_KEYS = (
 )
 
 
-def _prepare(requests, cfg: DeviceReplayConfig, spec: ModelSpec):
-    """Scale-down and per-request pool-block keys; ValueError on a bad request."""
+def _prepare(requests, cfg: DeviceReplayConfig, specs: dict, by_request: bool):
+    """Scale-down, the model of each request and its pool-block keys; ValueError on a bad request."""
     if requests is None or isinstance(requests, (str, bytes)):
         raise ValueError(f"requests must be a non-empty sequence of Request, got {requests!r}")
     reqs = list(requests)
@@ -277,6 +287,7 @@ def _prepare(requests, cfg: DeviceReplayConfig, spec: ModelSpec):
         reqs = reqs[:cfg.max_requests]
     if not reqs:
         raise ValueError("requests is empty: the trace has no requests to replay")
+    only = next(iter(specs)) if not by_request else None
     seqs = []
     for i, r in enumerate(reqs):
         if not isinstance(r, Request):
@@ -287,27 +298,58 @@ def _prepare(requests, cfg: DeviceReplayConfig, spec: ModelSpec):
         if r.arrival_s < 0 or not math.isfinite(r.arrival_s):
             raise ValueError(f"requests[{i}] (request_id={r.request_id}) has arrival_s={r.arrival_s}; "
                              f"it must be finite and >= 0")
+        name = only if only is not None else r.model
+        if name not in specs:
+            raise ValueError(f"requests[{i}] (request_id={r.request_id}) has model={r.model!r}; with several "
+                             f"models every request's model must be one of {sorted(specs)}")
+        spec = specs[name]
         prompt = r.input_length if cfg.max_input_tokens is None else min(r.input_length, cfg.max_input_tokens)
         out = r.output_length if cfg.max_output_tokens is None else min(r.output_length, cfg.max_output_tokens)
         keys = expand_hash_ids(r.hash_ids, r.block_tokens, spec.block_size, prompt) if r.hash_ids else []
         arrival = 0.0 if cfg.ignore_arrivals else r.arrival_s / cfg.time_compression
-        seqs.append(_Seq(r, i, arrival, prompt, out, keys))
+        seqs.append(_Seq(r, i, arrival, prompt, out, keys, name))
     # the replay serves in arrival order; a stable sort keeps the trace's order among equal times
     seqs.sort(key=lambda s: (s.arrival, s.idx))
     return seqs
+
+
+def _resolve_models(model, cfg: DeviceReplayConfig) -> tuple[dict[str, ModelSpec], bool]:
+    """``{pool name: spec}`` with the config's overrides, and whether requests pick their model."""
+    changes = {k: v for k, v in (("num_layers", cfg.num_layers), ("block_size", cfg.block_size),
+                                 ("dtype", cfg.dtype)) if v is not None}
+
+    def one(m):
+        spec = get_spec(m)
+        return spec.with_(**changes) if changes else spec
+
+    if model is None:
+        return None, True
+    if isinstance(model, dict):
+        if not model:
+            raise ValueError("model must name at least one model when given as a dict")
+        for k in model:
+            if not isinstance(k, str) or not k:
+                raise ValueError(f"model dict keys must be non-empty pool names (str), got {k!r}")
+        return {k: one(v) for k, v in model.items()}, True
+    spec = one(model)
+    return {spec.name: spec}, False
 
 
 def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru", *,
                   capacity_blocks: int | None = None, budget_bytes: int | None = None,
                   config: DeviceReplayConfig | None = None, progress: bool = False,
                   on_step: Callable[[dict], None] | None = None) -> DeviceReplayResult:
-    """Serve ``requests`` on the device with a pool of ``model``'s shape under eviction ``policy``.
+    """Serve ``requests`` on the device with pools of the model shapes under eviction ``policy``.
 
-    ``model``: a ``ModelSpec`` or preset name (``config`` may override layers, block size, dtype).
-    The pool's size is ``capacity_blocks`` (blocks of ``block_size`` tokens) or ``budget_bytes`` (one of
-    the two). ``progress``: a tqdm bar (if tqdm is installed). ``on_step``: called with each recorded
-    time-series row. Returns a ``DeviceReplayResult`` (``summary`` keys: ``SUMMARY_KEYS``). Every
-    argument is checked before any device memory is touched.
+    ``model``: a ``ModelSpec`` or preset name (one pool serves every request); or a dict
+    ``{name: ModelSpec or preset}``, or None (each request's ``model`` field names its preset), for
+    several pools drawing chunks from one shared arena, each request served by the pool its ``model``
+    field names. ``config`` may override layers, block size and dtype of every model.
+    Memory: ``capacity_blocks`` (one model: blocks of ``block_size`` tokens) or ``budget_bytes`` (the
+    arena; required with several models), exactly one of the two. ``progress``: a tqdm bar (if tqdm is
+    installed). ``on_step``: called with each recorded time-series row. Returns a
+    ``DeviceReplayResult`` (``summary`` keys: ``SUMMARY_KEYS``, plus ``<model>.<key>`` per model when
+    there are several). Every argument is checked before any device memory is touched.
     """
     from ..memory import GPUMemoryAllocator  # the memory package imports ops; keep replay import light
     from ..policies import available_policies, canonical_name
@@ -316,11 +358,13 @@ def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru"
     if not isinstance(cfg, DeviceReplayConfig):
         raise ValueError(f"config must be a DeviceReplayConfig, got {type(cfg).__name__}")
     cfg.validate()
-    spec = get_spec(model)
-    changes = {k: v for k, v in (("num_layers", cfg.num_layers), ("block_size", cfg.block_size),
-                                 ("dtype", cfg.dtype)) if v is not None}
-    if changes:
-        spec = spec.with_(**changes)
+    specs, by_request = _resolve_models(model, cfg)
+    if specs is None:  # model=None: the presets named by the requests
+        names = sorted({r.model for r in (requests or []) if isinstance(r, Request)}, key=str)
+        if None in names or not names:
+            raise ValueError("model=None needs every request's model field set to a preset name "
+                             f"({', '.join(sorted(PRESETS))})")
+        specs, by_request = _resolve_models({n: n for n in names}, cfg)
     policy_name = canonical_name(policy)
     if policy_name in _OFFLINE_POLICIES:
         valid = [p for p in available_policies() if p not in _OFFLINE_POLICIES]
@@ -330,28 +374,42 @@ def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru"
 
     if (capacity_blocks is None) == (budget_bytes is None):
         raise ValueError("give exactly one of capacity_blocks or budget_bytes")
+    multi = len(specs) > 1
     if capacity_blocks is not None:
+        if multi:
+            raise ValueError(f"with several models ({', '.join(sorted(specs))}) give budget_bytes (the shared "
+                             f"arena), not capacity_blocks")
         if isinstance(capacity_blocks, bool) or not isinstance(capacity_blocks, int) or capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be a positive int, got {capacity_blocks!r}")
     else:
         if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
             raise ValueError(f"budget_bytes must be a positive int, got {budget_bytes!r}")
-        capacity_blocks = budget_bytes // spec.bytes_per_block
-        if capacity_blocks < 1:
-            raise ValueError(f"budget_bytes={budget_bytes} holds no block of {spec.bytes_per_block} bytes "
-                             f"({spec.name}, block_size={spec.block_size})")
+        if not multi:
+            spec = next(iter(specs.values()))
+            capacity_blocks = budget_bytes // spec.bytes_per_block
+            if capacity_blocks < 1:
+                raise ValueError(f"budget_bytes={budget_bytes} holds no block of {spec.bytes_per_block} bytes "
+                                 f"({spec.name}, block_size={spec.block_size})")
 
-    seqs = _prepare(requests, cfg, spec)
-    biggest = max(seqs, key=lambda s: s.max_tokens)
-    need = spec.blocks_for_tokens(biggest.max_tokens)
-    if need > capacity_blocks:
-        raise ValueError(
-            f"capacity of {capacity_blocks} blocks is below one request's need: request_id="
-            f"{biggest.req.request_id} holds {biggest.max_tokens} tokens = {need} blocks of {spec.block_size} "
-            f"tokens; raise the capacity or cap max_input_tokens / max_output_tokens")
+    seqs = _prepare(requests, cfg, specs, by_request)
+    for name, spec in specs.items():
+        mine = [s for s in seqs if s.model == name]
+        if not mine:
+            continue
+        biggest = max(mine, key=lambda s: s.max_tokens)
+        need = spec.blocks_for_tokens(biggest.max_tokens)
+        have = capacity_blocks if not multi else budget_bytes // spec.bytes_per_block
+        if need > have:
+            what = f"capacity of {have} blocks" if not multi else \
+                f"budget_bytes={budget_bytes} ({have} blocks of {name!r})"
+            raise ValueError(
+                f"{what} is below one request's need: request_id={biggest.req.request_id} holds "
+                f"{biggest.max_tokens} tokens = {need} blocks of {spec.block_size} tokens; raise the "
+                f"capacity or cap max_input_tokens / max_output_tokens")
 
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
-        engine = _Engine(seqs, spec, policy_name, capacity_blocks, cfg, device, GPUMemoryAllocator)
+        engine = _Engine(seqs, specs, policy_name, capacity_blocks if not multi else None,
+                         budget_bytes if multi else None, cfg, device, GPUMemoryAllocator)
         try:
             return engine.run(progress, on_step)
         finally:
@@ -379,14 +437,11 @@ def _chunk_blocks(capacity: int, block_bytes: int, target_bytes: int) -> int:
     return best
 
 
-class _PoolHandle:
-    """The replay's use of the memory manager: one ``GPUMemoryAllocator`` with one arena holding exactly
-    ``capacity_blocks`` blocks, and one ``CachePool`` that grows into it on demand."""
-
-    def __init__(self, allocator_cls, spec: ModelSpec, policy: str, capacity_blocks: int,
-                 cfg: DeviceReplayConfig, device: torch.device):
-        from ..memory import DEFAULT_CHUNK_BYTES
-        bb = spec.bytes_per_block
+def _make_allocator(allocator_cls, specs: dict, capacity_blocks, budget_bytes, cfg, device):
+    """The arena: exactly ``capacity_blocks`` blocks of the one model, or ``budget_bytes`` shared."""
+    from ..memory import DEFAULT_CHUNK_BYTES
+    if capacity_blocks is not None:
+        bb = next(iter(specs.values())).bytes_per_block
         if cfg.chunk_bytes is not None:
             chunk = cfg.chunk_bytes
             budget = -(-capacity_blocks * bb // chunk) * chunk
@@ -398,18 +453,22 @@ class _PoolHandle:
                     k += 1
             chunk = k * bb
             budget = -(-capacity_blocks // k) * chunk
-        self.chunk_bytes = chunk
-        self.alloc = allocator_cls(devices=[str(device)], budget_bytes=budget, chunk_bytes=chunk).start()
-        try:
-            self.pool = self.alloc.create_pool("replay", spec, policy=policy)
-        except Exception:
-            self.alloc.close()
-            raise
-        self.capacity_blocks = self.pool.num_blocks
-        if cfg.preallocate:
-            # a serving engine sizes its KV memory once; growing chunk by chunk is timed otherwise
-            self.pool.grow(num_blocks=self.capacity_blocks)
+    else:
+        chunk = cfg.chunk_bytes or DEFAULT_CHUNK_BYTES
+        budget = max(chunk, budget_bytes // chunk * chunk)
+    return allocator_cls(devices=[str(device)], budget_bytes=budget, chunk_bytes=chunk).start(), chunk
+
+
+class _PoolHandle:
+    """The replay's use of one ``CachePool`` of the allocator."""
+
+    def __init__(self, alloc, name: str, spec: ModelSpec, policy: str, chunk_bytes: int, preallocate: bool):
+        self.pool = alloc.create_pool(name, spec, policy=policy)
+        self.chunk_bytes = chunk_bytes
         self.block_size = spec.block_size
+        if preallocate:
+            # a serving engine sizes its KV memory once; growing chunk by chunk is timed otherwise
+            self.pool.grow(num_blocks=self.pool.num_blocks)
         self._kv = [self.pool.kv(layer) for layer in range(spec.num_layers)]
 
     def request(self, num_tokens: int, keys):
@@ -448,83 +507,111 @@ class _PoolHandle:
         live = st["used_blocks"] + st["cached_blocks"]
         return st["chunks_held"] - int(math.ceil(live / per_chunk))
 
-    def compact(self) -> tuple[int, int]:
-        """Compact the pool; ``(chunks given back, blocks moved)``."""
+    def compact(self, evict: bool = False) -> tuple[int, int]:
+        """Compact the pool (``evict``: its cached blocks go first); ``(chunks given back, blocks moved)``."""
         moved0 = self.pool.stats()["blocks_moved"]
+        if evict:
+            self.pool.evict()
         chunks = self.pool.compact()
         return chunks, self.pool.stats()["blocks_moved"] - moved0
 
-    def close(self) -> None:
-        self.alloc.close()
+    def validate(self, running) -> None:
+        """The pool's own invariants, and each running sequence's table equal to its cache's."""
+        self.pool.validate()
+        for s in running:
+            assert s.blocks == s.cache.block_ids, f"request {s.req.request_id}: stale block table"
+            assert s.seq_len == s.cache.seq_len, f"request {s.req.request_id}: seq_len out of step"
+
+
+class _Model:
+    """One model's serving state: its pool, running batch, host block table and synthetic tensors."""
+
+    def __init__(self, name: str, spec: ModelSpec, pool: _PoolHandle, seqs, cfg: DeviceReplayConfig,
+                 device: torch.device, gen: torch.Generator):
+        self.name, self.spec, self.pool = name, spec, pool
+        H, D, Hq, B, dt = spec.num_kv_heads, spec.head_dim, spec.num_q_heads, cfg.max_batch, spec.dtype
+        # Synthetic K/V/Q, drawn once: values do not matter, bytes and kernels do.
+        self.q = torch.randn(B, Hq, D, generator=gen, device=device).to(dt)
+        self.k_new = torch.randn(B, H, D, generator=gen, device=device).to(dt)
+        self.v_new = torch.randn(B, H, D, generator=gen, device=device).to(dt)
+        max_tokens = max((s.max_tokens for s in seqs), default=1)
+        chunk = min(max_tokens, 8192)
+        self.k_fill = torch.randn(chunk, H, D, generator=gen, device=device).to(dt)
+        self.v_fill = torch.randn(chunk, H, D, generator=gen, device=device).to(dt)
+        self.bt = np.zeros((B, spec.blocks_for_tokens(max_tokens)), dtype=np.int32)
+        self.lens = np.zeros(B, dtype=np.int32)
+        self.running: list[_Seq] = []
+        self.num_layers = spec.num_layers
+        self.lookups = self.hits = self.saved = self.prefill_tokens = 0
+        self.decode_tokens = self.completed = self.preemptions = 0
 
 
 class _Engine:
-    def __init__(self, seqs, spec: ModelSpec, policy: str, capacity_blocks: int, cfg: DeviceReplayConfig,
-                 device: torch.device, allocator_cls):
-        self.seqs, self.spec, self.policy, self.cfg, self.device = seqs, spec, policy, cfg, device
-        self.pool = _PoolHandle(allocator_cls, spec, policy, capacity_blocks, cfg, device)
-        self.capacity_blocks = self.pool.capacity_blocks
+    def __init__(self, seqs, specs: dict, policy: str, capacity_blocks, budget_bytes,
+                 cfg: DeviceReplayConfig, device: torch.device, allocator_cls):
+        self.seqs, self.specs, self.policy, self.cfg, self.device = seqs, specs, policy, cfg, device
+        self.multi = len(specs) > 1
+        self.alloc, chunk = _make_allocator(allocator_cls, specs, capacity_blocks, budget_bytes, cfg, device)
         try:
-            self._setup_tensors(seqs, spec, cfg, device)
+            gen = torch.Generator(device=device).manual_seed(cfg.seed)
+            self.models: dict[str, _Model] = {}
+            for name, spec in specs.items():
+                # one model owns its arena and claims it up front; several grow into the shared arena
+                pool = _PoolHandle(self.alloc, name, spec, policy, chunk, cfg.preallocate and not self.multi)
+                mine = [s for s in seqs if s.model == name]
+                m = self.models[name] = _Model(name, spec, pool, mine, cfg, device, gen)
+                for s in mine:
+                    s.m = m
         except BaseException:
-            self.pool.close()
+            self.alloc.close()
             raise
-
-    def _setup_tensors(self, seqs, spec: ModelSpec, cfg: DeviceReplayConfig, device: torch.device):
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        L, H, D, Hq = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.num_q_heads
-        B = cfg.max_batch
-        dt = spec.dtype
-        # Synthetic K/V/Q, drawn once: values do not matter, bytes and kernels do.
-        self.q = torch.randn(B, Hq, D, generator=self.gen, device=device).to(dt)
-        self.k_new = torch.randn(B, H, D, generator=self.gen, device=device).to(dt)
-        self.v_new = torch.randn(B, H, D, generator=self.gen, device=device).to(dt)
-        max_prompt = max(s.max_tokens for s in seqs)
-        chunk = min(max_prompt, 8192)
-        self.k_fill = torch.randn(chunk, H, D, generator=self.gen, device=device).to(dt)
-        self.v_fill = torch.randn(chunk, H, D, generator=self.gen, device=device).to(dt)
-        self.max_blocks = spec.blocks_for_tokens(max_prompt)
-        self.bt = np.zeros((B, self.max_blocks), dtype=np.int32)
-        self.lens = np.zeros(B, dtype=np.int32)
-        self.running: list[_Seq] = []
+        arena = next(iter(self.alloc.arenas.values()))
+        self.arena_bytes = arena.num_bytes
+        # several models share the arena's bytes: no block count bounds them, 0 says so
+        self.capacity_blocks = next(iter(self.models.values())).pool.pool.num_blocks if not self.multi else 0
         self.timer = _Timer(device)
-        self.num_layers = L
         self._order = 0
-        self.lookups = self.hits = 0
 
     def close(self):
-        self.pool.close()
+        self.alloc.close()
 
     # ------------------------------------------------------------------------------ bookkeeping
-    def _set_row(self, s: _Seq):
+    @staticmethod
+    def _set_row(s: _Seq):
+        m = s.m
         n = len(s.blocks)
-        self.bt[s.slot, :n] = s.blocks
-        self.lens[s.slot] = s.seq_len
+        m.bt[s.slot, :n] = s.blocks
+        m.lens[s.slot] = s.seq_len
 
     def _add_running(self, s: _Seq):
-        s.slot = len(self.running)
-        self.running.append(s)
+        s.slot = len(s.m.running)
+        s.m.running.append(s)
         self._set_row(s)
 
     def _remove_running(self, s: _Seq):
-        last = self.running.pop()
+        running = s.m.running
+        last = running.pop()
         if last is not s:
             # keep rows [0, batch) dense: the last sequence takes the leaving one's row
             i = s.slot
-            self.running[i] = last
+            running[i] = last
             last.slot = i
             self._set_row(last)
         s.slot = -1
 
+    def _num_running(self) -> int:
+        return sum(len(m.running) for m in self.models.values())
+
     # ------------------------------------------------------------------------------ phases
-    def _admit(self, s: _Seq, now: float) -> bool:
-        """Prefix lookup + allocation for ``s``'s context; False (pool unchanged) when it does not fit."""
+    def _admit(self, s: _Seq, now: float) -> int | None:
+        """Prefix lookup + allocation for ``s``'s context; its hit blocks, or None (pool unchanged) when
+        it does not fit."""
         ctx = s.context_len
         try:
-            cache, hit_blocks = self.pool.request(ctx, s.keys)
+            cache, hit_blocks = s.m.pool.request(ctx, s.keys)
         except PoolExhaustedError:
-            return False
-        s.cache, s.blocks = cache, self.pool.block_ids(cache)
+            return None
+        s.cache, s.blocks = cache, s.m.pool.block_ids(cache)
         first = s.admissions == 0
         s.admissions += 1
         self._order += 1
@@ -532,16 +619,16 @@ class _Engine:
         if first:
             s.admitted_at = now
             s.lookup_blocks, s.hit_blocks = len(s.keys), hit_blocks
-            self.lookups += len(s.keys)
-            self.hits += hit_blocks
+            s.m.lookups += len(s.keys)
+            s.m.hits += hit_blocks
         s.seq_len = ctx
-        self._new_hits = hit_blocks
-        return True
+        return hit_blocks
 
     def _prefill(self, s: _Seq, hit_blocks: int) -> tuple[int, float]:
         """Write the K/V of ``s``'s missed tokens into every layer; ``(missed tokens, host seconds spent
         on the slot mapping)``."""
-        bs = self.spec.block_size
+        m = s.m
+        bs = m.spec.block_size
         start = hit_blocks * bs
         n = s.seq_len - start
         if n <= 0:
@@ -552,55 +639,92 @@ class _Engine:
         slots = torch.from_numpy(blocks[pos // bs] * bs + pos % bs).to(self.device)
         mem = time.perf_counter() - t0
         tok = self.timer.start()
-        c = self.k_fill.shape[0]
+        c = m.k_fill.shape[0]
         for off in range(0, n, c):
-            m = min(c, n - off)
-            sl = slots[off:off + m]
-            for layer in range(self.num_layers):
-                kc, vc = self.pool.layer(layer)
-                self._append_kv(self.k_fill[:m], self.v_fill[:m], kc, vc, sl)
+            k = min(c, n - off)
+            sl = slots[off:off + k]
+            for layer in range(m.num_layers):
+                kc, vc = m.pool.layer(layer)
+                self._append_kv(m.k_fill[:k], m.v_fill[:k], kc, vc, sl)
         self.timer.stop(tok)
         return n, mem
 
     def _grow(self, s: _Seq) -> bool:
-        """One more token slot for ``s``; preempt (latest admitted first) when no block is left.
-        Returns False when ``s`` itself was preempted."""
+        """One more token slot for ``s``; preempt (the latest admitted of its model first) when its pool
+        has no block left. Returns False when ``s`` itself was preempted."""
+        m = s.m
         while True:
             try:
-                new = self.pool.append(s.cache, 1)
+                new = m.pool.append(s.cache, 1)
             except PoolExhaustedError:
-                victim = max(self.running, key=lambda r: r.order)
+                victim = max(m.running, key=lambda r: r.order)
                 self._preempt(victim)
                 if victim is s:
                     return False
                 continue
             if new:
                 s.blocks.extend(new)
-                self.bt[s.slot, len(s.blocks) - len(new):len(s.blocks)] = new
+                m.bt[s.slot, len(s.blocks) - len(new):len(s.blocks)] = new
             s.seq_len += 1
-            self.lens[s.slot] = s.seq_len
+            m.lens[s.slot] = s.seq_len
             return True
 
     def _preempt(self, s: _Seq):
-        self.pool.release(s.cache)
+        s.m.pool.release(s.cache)
         s.cache, s.blocks = None, []
         s.preemptions += 1
+        s.m.preemptions += 1
         self.preemptions += 1
         self._remove_running(s)
         self.waiting.appendleft(s)
 
     def _finish(self, s: _Seq):
-        self.pool.release(s.cache)
+        s.m.pool.release(s.cache)
         s.cache, s.blocks = None, []
         self._remove_running(s)
         self.completed += 1
+        s.m.completed += 1
+
+    def _compact(self, m: _Model, evict: bool = False) -> tuple[int, int]:
+        """Compact ``m``'s pool; refresh its running block tables (live blocks may have moved)."""
+        chunks, n_moved = m.pool.compact(evict)
+        for s in m.running:
+            s.blocks = m.pool.block_ids(s.cache)
+            self._set_row(s)
+        return chunks, n_moved
+
+    def _pool_rows(self) -> dict:
+        """Memory figures over every pool: blocks summed, fractions of the bytes."""
+        sts = {name: m.pool.stats() for name, m in self.models.items()}
+        if not self.multi:
+            st = next(iter(sts.values()))
+            return {"used_blocks": st["used_blocks"], "cached_blocks": st["cached_blocks"],
+                    "free_blocks": st["free_blocks"], "utilization": st["utilization"],
+                    "external_fragmentation": st["external_fragmentation"],
+                    "internal_fragmentation": st["internal_fragmentation"], "evictions": st["evictions"],
+                    "held_bytes": st["held_bytes"]}
+        used = sum(st["used_bytes"] for st in sts.values())
+        held = sum(st["held_bytes"] for st in sts.values())
+        slots = sum(st["used_blocks"] for st in sts.values())
+        row = {"used_blocks": slots, "cached_blocks": sum(st["cached_blocks"] for st in sts.values()),
+               "free_blocks": sum(st["free_blocks"] for st in sts.values()),
+               "utilization": used / self.arena_bytes,
+               "external_fragmentation": 1.0 - used / held if held else 0.0,
+               "internal_fragmentation": (sum(st["internal_fragmentation"] * st["used_blocks"]
+                                              for st in sts.values()) / slots) if slots else 0.0,
+               "evictions": sum(st["evictions"] for st in sts.values()), "held_bytes": held}
+        for name, st in sts.items():
+            row[f"{name}.used_blocks"] = st["used_blocks"]
+            row[f"{name}.held_bytes"] = st["held_bytes"]
+        return row
 
     # ------------------------------------------------------------------------------ main loop
     def run(self, progress: bool, on_step):
         from ..ops import append_kv, paged_decode_attention
         self._append_kv, self._attn = append_kv, paged_decode_attention
-        cfg, spec, dev = self.cfg, self.spec, self.device
+        cfg, dev = self.cfg, self.device
         pc = time.perf_counter
+        models = list(self.models.values())
         self.waiting: deque[_Seq] = deque()
         self.completed = self.preemptions = 0
         pending = deque(self.seqs)
@@ -617,33 +741,54 @@ class _Engine:
         prefill_tokens = recompute_tokens = computed_tokens = 0
         compactions, compaction_s, moved, chunks_returned = 0, 0.0, 0, 0
         wall0 = pc()
-        start_stats = self.pool.stats()
+        start_rows = self._pool_rows()
         while self.completed < total:
             while pending and pending[0].arrival <= now:
                 self.waiting.append(pending.popleft())
-            if not self.running and not self.waiting:
+            if not self._num_running() and not self.waiting:
                 now = max(now, pending[0].arrival)
                 continue
             t0 = pc()
             mem = 0.0
             model_s = 0.0
-            # --- admission and prefill
+            comp_t = 0.0
+            # --- admission and prefill, first come first served across models
             admitted = []
-            while self.waiting and len(self.running) < cfg.max_batch:
+            reclaimed = False
+            while self.waiting:
                 s = self.waiting[0]
+                if len(s.m.running) >= cfg.max_batch:
+                    break
                 ta = pc()
-                ok = self._admit(s, now)
-                if ok:
+                hits = self._admit(s, now)
+                if hits is not None:
                     self._add_running(s)
                 mem += pc() - ta
-                if not ok:
+                if hits is None:
+                    if self.multi and not s.m.running and not reclaimed:
+                        # its pool is idle but the shared arena is held by the others: they drop their
+                        # cached blocks and give back the chunks that empties (a timed compaction)
+                        reclaimed = True
+                        tcmp = pc()
+                        for m in models:
+                            if m is not s.m:
+                                chunks, n_moved = self._compact(m, evict=True)
+                                chunks_returned += chunks
+                                moved += n_moved
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize(dev)
+                        dt = pc() - tcmp
+                        comp_t += dt
+                        compaction_s += dt
+                        compactions += 1
+                        continue
                     break
                 self.waiting.popleft()
-                admitted.append((s, self._new_hits))
-            if not self.running:
+                admitted.append((s, hits))
+            if not self._num_running():
                 raise RuntimeError(
-                    f"request_id={self.waiting[0].req.request_id} cannot be admitted into an idle pool of "
-                    f"{self.capacity_blocks} blocks (pool stats: {self.pool.stats()})")
+                    f"request_id={self.waiting[0].req.request_id} cannot be admitted into idle pools "
+                    f"(pool figures: {self._pool_rows()})")
             prefill_kernel = 0.0
             for s, hits in admitted:
                 missed, slot_s = self._prefill(s, hits)
@@ -657,52 +802,62 @@ class _Engine:
                 computed_tokens += missed
                 if s.admissions == 1:
                     prefill_tokens += s.prompt_len
+                    s.m.prefill_tokens += s.prompt_len
                     s.first_token_at = now + model_s + (prefill_kernel if cfg.step_time_s is None else 0.0)
                     s.generated = 1
                 else:
                     recompute_tokens += missed
-            # --- decode: one token per running sequence that still has tokens to produce
+            # --- decode: one token per running sequence, per model
             tm = pc()
-            finished_now = [s for s in self.running if s.generated >= s.output_len]
+            finished_now = [s for m in models for s in m.running if s.generated >= s.output_len]
             for s in finished_now:  # one-token outputs are done by their prefill
                 self._finish(s)
-            for s in list(self.running):
-                if s.slot >= 0:
-                    self._grow(s)
-            batch = len(self.running)
-            if batch:
-                bt = torch.from_numpy(self.bt[:batch]).to(dev, non_blocking=True)
-                lens = torch.from_numpy(self.lens[:batch]).to(dev, non_blocking=True)
-                pos = self.lens[:batch].astype(np.int64) - 1
-                rows = np.arange(batch)
-                slots = torch.from_numpy(self.bt[rows, pos // spec.block_size].astype(np.int64)
-                                         * spec.block_size + pos % spec.block_size).to(dev, non_blocking=True)
+            launches = []
+            for m in models:
+                for s in list(m.running):
+                    if s.slot >= 0:
+                        self._grow(s)
+            for m in models:
+                b = len(m.running)
+                if not b:
+                    continue
+                bs = m.spec.block_size
+                bt = torch.from_numpy(m.bt[:b]).to(dev, non_blocking=True)
+                lens = torch.from_numpy(m.lens[:b]).to(dev, non_blocking=True)
+                pos = m.lens[:b].astype(np.int64) - 1
+                slots = torch.from_numpy(m.bt[np.arange(b), pos // bs].astype(np.int64) * bs
+                                         + pos % bs).to(dev, non_blocking=True)
+                launches.append((m, b, bt, lens, slots))
             mem += pc() - tm
             kernel = 0.0
-            if batch:
+            batch = sum(b for _, b, *_ in launches)
+            if launches:
                 tok = self.timer.start()
-                q, kn, vn = self.q[:batch], self.k_new[:batch], self.v_new[:batch]
-                for layer in range(self.num_layers):
-                    kc, vc = self.pool.layer(layer)
-                    self._append_kv(kn, vn, kc, vc, slots)
-                    self._attn(q, kc, vc, bt, lens)
+                for m, b, bt, lens, slots in launches:
+                    q, kn, vn = m.q[:b], m.k_new[:b], m.v_new[:b]
+                    for layer in range(m.num_layers):
+                        kc, vc = m.pool.layer(layer)
+                        self._append_kv(kn, vn, kc, vc, slots)
+                        self._attn(q, kc, vc, bt, lens)
                 self.timer.stop(tok)
                 kernel = self.timer.collect()
                 decode_kernel_s += kernel
-                for s in self.running:
-                    s.generated += 1
+                for m, b, *_ in launches:
+                    for s in m.running:
+                        s.generated += 1
+                    m.decode_tokens += b
                 decode_tokens += batch
                 batch_sum += batch
             # --- completion
             tc = pc()
-            done = [s for s in self.running if s.generated >= s.output_len]
+            done = [s for m in models for s in m.running if s.generated >= s.output_len]
             for s in done:
                 self._finish(s)
             finished_now += done
             mem += pc() - tc
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            wall = pc() - t0
+            wall = pc() - t0 - comp_t
             kernel += prefill_kernel
             other = max(wall - kernel - mem, 0.0)
             k_s += kernel
@@ -716,76 +871,78 @@ class _Engine:
             for s in finished_now:
                 s.finished_at = end
             # --- compaction (timed apart from the step)
-            comp_t = 0.0
             if cfg.compaction_threshold is not None and step % cfg.compaction_check_every == 0:
-                st = self.pool.stats()
-                frag = st["external_fragmentation"]
-                # cached blocks count as fragmentation in the pool's figure but a compaction keeps
-                # them, so it runs only when it can give chunks back
-                if frag > cfg.compaction_threshold and self.pool.reclaimable_chunks(st) > 0:
-                    tcmp = pc()
-                    chunks, n_moved = self.pool.compact()
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    comp_t = pc() - tcmp
-                    for s in self.running:  # live blocks may have moved
-                        s.blocks = self.pool.block_ids(s.cache)
-                        self._set_row(s)
-                    compactions += 1
-                    compaction_s += comp_t
-                    moved += n_moved
-                    chunks_returned += chunks
+                for m in models:
+                    st = m.pool.stats()
+                    # cached blocks count as fragmentation in the pool's figure but a compaction keeps
+                    # them, so it runs only when it can give chunks back
+                    if st["external_fragmentation"] > cfg.compaction_threshold and m.pool.reclaimable_chunks(st) > 0:
+                        tcmp = pc()
+                        chunks, n_moved = self._compact(m)
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize(dev)
+                        dt = pc() - tcmp
+                        comp_t += dt
+                        compactions += 1
+                        compaction_s += dt
+                        moved += n_moved
+                        chunks_returned += chunks
             now = end + (comp_t if cfg.step_time_s is None else 0.0)
+            if cfg.check_invariants:
+                for m in models:
+                    m.pool.validate(m.running)
+                    for s in m.running:
+                        n = len(s.blocks)
+                        assert list(m.bt[s.slot, :n]) == s.blocks and m.lens[s.slot] == s.seq_len
             if bar is not None:
                 bar.update(len(finished_now))
             if step % cfg.record_every == 0:
-                st = self.pool.stats()
+                pr = self._pool_rows()
+                lookups = sum(m.lookups for m in models)
                 row = {"step": step, "time_s": now, "batch": batch, "waiting": len(self.waiting),
                        "admitted": len(admitted), "finished": len(finished_now),
-                       "kernel_s": kernel, "memory_s": mem, "other_s": other if batch else 0.0,
-                       "prefill_model_s": model_s, "compaction_s": comp_t,
-                       "used_blocks": st["used_blocks"], "cached_blocks": st["cached_blocks"],
-                       "free_blocks": st["free_blocks"], "utilization": st["utilization"],
-                       "external_fragmentation": st["external_fragmentation"],
-                       "internal_fragmentation": st["internal_fragmentation"],
-                       "evictions": st["evictions"] - start_stats["evictions"],
+                       "kernel_s": kernel, "memory_s": mem, "other_s": other,
+                       "prefill_model_s": model_s, "compaction_s": comp_t, **pr,
+                       "evictions": pr["evictions"] - start_rows["evictions"],
                        "preemptions": self.preemptions, "completed": self.completed,
-                       "hit_rate": self.hits / self.lookups if self.lookups else 0.0}
+                       "hit_rate": sum(m.hits for m in models) / lookups if lookups else 0.0}
                 ts.append(row)
                 if on_step is not None:
                     on_step(row)
         if bar is not None:
             bar.close()
         wall_total = pc() - wall0
-        final = self.pool.stats()
+        final = self._pool_rows()
         rows = []
         qd, ttft = [], []
-        lookups = hits = 0
         for s in sorted(self.seqs, key=lambda s: s.idx):
-            lookups += s.lookup_blocks
-            hits += s.hit_blocks
             qd.append(s.admitted_at - s.arrival)
             ttft.append(s.first_token_at - s.arrival)
-            rows.append({"request_id": s.req.request_id, "arrival_s": s.arrival, "prompt_tokens": s.prompt_len,
-                         "output_tokens": s.output_len, "lookup_blocks": s.lookup_blocks,
-                         "hit_blocks": s.hit_blocks, "queueing_delay_s": s.admitted_at - s.arrival,
-                         "ttft_s": s.first_token_at - s.arrival, "finished_s": s.finished_at,
-                         "preemptions": s.preemptions})
+            rows.append({"request_id": s.req.request_id, "model": s.model, "arrival_s": s.arrival,
+                         "prompt_tokens": s.prompt_len, "output_tokens": s.output_len,
+                         "lookup_blocks": s.lookup_blocks, "hit_blocks": s.hit_blocks,
+                         "queueing_delay_s": s.admitted_at - s.arrival, "ttft_s": s.first_token_at - s.arrival,
+                         "finished_s": s.finished_at, "preemptions": s.preemptions})
+        lookups = sum(m.lookups for m in models)
+        hits = sum(m.hits for m in models)
+        saved = sum(m.hits * m.spec.block_size for m in models)
         step_total = k_s + m_s + o_s
         util = [r["utilization"] for r in ts] or [final["utilization"]]
         frag = [r["external_fragmentation"] for r in ts] or [final["external_fragmentation"]]
-        saved = hits * spec.block_size
+        first = models[0].spec
         summary = {
-            "device": str(dev), "model": spec.name, "policy": self.policy,
-            "capacity_blocks": self.capacity_blocks, "block_size": spec.block_size,
-            "num_layers": spec.num_layers, "requests": total, "completed": self.completed, "steps": step,
+            "device": str(dev), "model": ",".join(self.models), "policy": self.policy,
+            "capacity_blocks": self.capacity_blocks, "arena_bytes": self.arena_bytes,
+            "block_size": first.block_size if len({m.spec.block_size for m in models}) == 1 else 0,
+            "num_layers": first.num_layers if len({m.spec.num_layers for m in models}) == 1 else 0,
+            "requests": total, "completed": self.completed, "steps": step,
             "sim_time_s": now, "wall_s": wall_total,
             "hit_rate": hits / lookups if lookups else 0.0,
             "token_hit_rate": saved / prefill_tokens if prefill_tokens else 0.0,
             "lookup_blocks": lookups, "hit_blocks": hits,
             "prefill_tokens": prefill_tokens, "prefill_tokens_saved": saved,
             "prefill_tokens_computed": computed_tokens, "recompute_tokens": recompute_tokens,
-            "evictions": final["evictions"] - start_stats["evictions"], "preemptions": self.preemptions,
+            "evictions": final["evictions"] - start_rows["evictions"], "preemptions": self.preemptions,
             **_percentiles(qd, "queueing_delay_s"), **_percentiles(ttft, "ttft_s"),
             "decode_tokens": decode_tokens, "decode_time_s": decode_time,
             "decode_tokens_per_s": decode_tokens / decode_time if decode_time else 0.0,
@@ -802,6 +959,14 @@ class _Engine:
             "external_fragmentation_mean": float(np.mean(frag)),
             "external_fragmentation_max": float(np.max(frag)),
         }
+        if self.multi:
+            for m in models:
+                summary[f"{m.name}.requests"] = sum(1 for s in self.seqs if s.m is m)
+                summary[f"{m.name}.completed"] = m.completed
+                summary[f"{m.name}.hit_rate"] = m.hits / m.lookups if m.lookups else 0.0
+                summary[f"{m.name}.prefill_tokens"] = m.prefill_tokens
+                summary[f"{m.name}.decode_tokens"] = m.decode_tokens
+                summary[f"{m.name}.preemptions"] = m.preemptions
         return DeviceReplayResult(summary=summary, timeseries=ts, requests=rows, config=asdict(self.cfg))
 
 

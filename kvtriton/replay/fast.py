@@ -9,11 +9,15 @@ Prefix-cache semantics, no tensors. For each request in order:
 3. the request completes at once and its blocks become evictable (``unpin_many``).
 
 ``order`` sets the order of step 3. ``"prefix"`` (the default) releases the last block first, as vLLM
-frees a finished sequence's blocks in reverse, so that recency-ordered policies evict a request's tail
-before its head and a cached prefix is not cut in the middle. ``"forward"`` releases them first to last.
-On ``conversation_trace.jsonl`` LRU gives 0.2116 / 0.3257 at 10,000 / 30,000 blocks with ``"prefix"`` and
-0.2112 / 0.3257 with ``"forward"`` (the reference points 0.21 / 0.33 hold either way), an unlimited cache
-0.3664, and Belady 0.3664 at 10,000 blocks.
+frees a finished sequence's blocks in reverse, so that among a request's blocks, which become evictable
+together, recency-ordered policies evict the tail before the head and a cached prefix is not cut in the
+middle. ``"forward"`` releases them first to last, the literal "touched in order". Because the blocks are
+pinned while the request runs and released together, the two differ only at a request's boundary. On
+``conversation_trace.jsonl`` (hit rate at 10,000 / 30,000 blocks, ``"prefix"`` then ``"forward"``):
+
+- LRU 0.2116 / 0.3257 and 0.2112 / 0.3257 (the reference points 0.21 / 0.33 hold either way; a plain
+  ``OrderedDict`` LRU without pins, touching blocks in order, gives 0.2112 / 0.3257 too);
+- ARC 0.2225 / 0.3109 and 0.2221 / 0.3107; Belady 0.3664 (= an unlimited cache) either way.
 
 Because a running request's blocks are pinned, a capacity smaller than the largest request's block
 count cannot serve the trace and is refused before any work starts.
@@ -26,7 +30,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from ..policies import EvictionPolicy, available_policies, canonical_name, make_policy
+from ..policies import available_policies, canonical_name, make_policy
 from ..policies.base import EvictionPolicy as _Base
 
 ORDERS = ("prefix", "forward")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from typing import Any, Callable, Iterable
 
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import _internal as _mi  # the global provider slot, read on hot paths
 
 INSTRUMENTATION_NAME = "kvtriton"
 
@@ -22,11 +25,29 @@ def get_tracer(tracer_provider=None):
     return trace.get_tracer(INSTRUMENTATION_NAME, _VERSION)
 
 
+_lock = threading.Lock()
+_global_meter = None
+_meters: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()     # provider -> meter
+_observed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # meter -> {name: [read, ...]}
+
+
 def get_meter(meter_provider=None):
-    """A meter from ``meter_provider``, else from the global provider (a proxy until one is set)."""
-    if meter_provider is not None:
-        return meter_provider.get_meter(INSTRUMENTATION_NAME, _VERSION)
-    return metrics.get_meter(INSTRUMENTATION_NAME, _VERSION)
+    """The meter of ``meter_provider``, else of the global provider (a proxy until one is set).
+
+    One meter per provider, shared by every component, so that instruments registered under one name
+    by several pools are one instrument (an SDK keeps only the first registration of a name).
+    """
+    global _global_meter
+    with _lock:
+        if meter_provider is None:
+            if _global_meter is None:
+                _global_meter = metrics.get_meter(INSTRUMENTATION_NAME, _VERSION)
+            return _global_meter
+        m = _meters.get(meter_provider)
+        if m is None:
+            m = meter_provider.get_meter(INSTRUMENTATION_NAME, _VERSION)
+            _meters[meter_provider] = m
+        return m
 
 
 def is_tracing(tracer) -> bool:
@@ -70,7 +91,6 @@ class Instrumentation:
         fixed = self._meter_fixed
         if fixed is not None:
             return fixed
-        from opentelemetry.metrics import _internal as _mi
         if _mi._METER_PROVIDER is None:  # noqa: SLF001 - no global provider set yet: no-op
             return False
         self._meter_fixed = not isinstance(_mi._METER_PROVIDER, metrics.NoOpMeterProvider)
@@ -97,19 +117,40 @@ class Instrumentation:
         return self.meter.create_histogram(name, unit=unit, description=description)
 
     def observe(self, name: str, kind: str, unit: str, description: str,
-                read: Callable[[], Iterable[tuple[float, dict]]]):
-        """Register an observable ``kind`` ("counter", "updown", "gauge") whose callback yields
-        ``(value, attributes)`` pairs from ``read()`` at collection time."""
-        from opentelemetry.metrics import Observation
+                read: Callable[[], Iterable[tuple[float, dict]] | None]):
+        """Report ``(value, attributes)`` pairs from ``read()`` under the observable ``kind``
+        ("counter", "updown", "gauge") named ``name``, at collection time.
 
-        def callback(_options):
-            return [Observation(v, a) for v, a in read()]
+        Every component observing ``name`` on the same meter shares one instrument; ``read`` returning
+        None means its component is gone, and it is dropped.
+        """
+        from opentelemetry.metrics import Observation
 
         make = {"counter": self.meter.create_observable_counter,
                 "updown": self.meter.create_observable_up_down_counter,
                 "gauge": self.meter.create_observable_gauge}
         if kind not in make:
             raise ValueError(f"kind must be one of {sorted(make)}, got {kind!r}")
-        inst = make[kind](name, callbacks=[callback], unit=unit, description=description)
-        self._gauges.append(inst)
-        return inst
+        with _lock:
+            by_name = _observed.get(self.meter)
+            if by_name is None:
+                by_name = _observed[self.meter] = {}
+            readers = by_name.get(name)
+            if readers is not None:
+                readers.append(read)
+                return
+            readers = by_name[name] = [read]
+
+        def callback(_options, readers=readers):
+            out = []
+            for r in list(readers):
+                got = r()
+                if got is None:
+                    with _lock:
+                        if r in readers:
+                            readers.remove(r)
+                    continue
+                out.extend(Observation(v, a) for v, a in got)
+            return out
+
+        self._gauges.append(make[kind](name, callbacks=[callback], unit=unit, description=description))
