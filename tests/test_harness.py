@@ -78,8 +78,9 @@ GROUPS = ["model", "pool", "policy", "workload", "replay", "logger", "telemetry"
 def test_compose_every_option(group, hydra_conf, fake_traces):
     options = _options(group)
     assert options, f"conf/{group} is empty"
+    needs = {("model", "per_request"): ["pool=budget"], ("policy", "belady"): ["replay=fast"]}
     for opt in options:
-        cfg = compose(config_name="config", overrides=[f"{group}={opt}"])
+        cfg = compose(config_name="config", overrides=[f"{group}={opt}"] + needs.get((group, opt), []))
         validate(cfg)
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
         if group == "policy":
@@ -145,6 +146,8 @@ BAD = [
     ("workload.name=nosuch", ["workload.name", "zipf", "multiturn"]),
     ("model.preset=nosuch", ["model.preset", "llama-3-8b", "tiny"]),
     ("pool.compaction_threshold=1.5", ["pool.compaction_threshold", "[0, 1)"]),
+    ("policy=belady", ["policy.name='belady'", "replay=fast", "s3fifo"]),  # device replay: no oracle
+    ("model=per_request", ["pool.budget_mb", "pool=budget"]),
 ]
 
 
@@ -312,6 +315,23 @@ def test_wandb_offline_run_logs_series_summary_and_artifact(tmp_path):
     assert logged["config"]["policy"]["name"] == "lru"
     assert logged["config"]["_config_hash"] == result["config_hash"]
     assert any(a.startswith("results-") for a in logged["artifacts"])
+
+
+def test_wandb_mode_resolution(monkeypatch, tmp_path):
+    from harness.wandb_log import resolve_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_mode("auto") == "offline"
+    with pytest.warns(UserWarning, match="offline"):
+        assert resolve_mode("online") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto") == "disabled" and resolve_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online" and resolve_mode("offline") == "offline"
 
 
 class _Collector(http.server.BaseHTTPRequestHandler):

@@ -427,3 +427,23 @@ def test_default_ops_path_runs_shrink_and_cow():
         pool.shrink(1)
         assert torch.equal(read_all(a), d) and torch.equal(read_all(b)[:, :, :10], d)
         pool.validate()
+
+
+def test_append_with_token_ids_extends_the_prefix_cache(alloc):
+    pool = alloc.create_pool("p", SMALL)
+    a = pool.request(token_ids=[1, 2, 3, 4, 5, 6])              # 1 full block, 2 tokens in the second
+    a.append(3, token_ids=[7, 8, 9])                             # fills the second block
+    data = fill_random(a, 0, 9)
+    assert len(a.block_hashes) == 2
+    b = pool.request(token_ids=list(range(1, 10)) + [0])         # a's two full blocks are hit
+    assert b.num_cached_tokens == 8 and b.block_ids[:2] == a.block_ids[:2]
+    assert torch.equal(read_all(b)[:, :, :8], data[:, :, :8])
+    f = a.fork()
+    f.append(3, token_ids=[10, 11, 12])                          # the shared third block is copied
+    assert f.block_ids[2] != a.block_ids[2] and len(f.block_hashes) == 3
+    with pytest.raises(ValueError, match="token_ids"):
+        a.append(2, token_ids=[1])
+    c = pool.request(5)
+    with pytest.raises(ValueError, match="token_ids"):
+        c.append(1, token_ids=[1])
+    pool.validate()

@@ -282,7 +282,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["insert", "access", "remove", "victim"
 
 
 @pytest.mark.parametrize("name", ONLINE)
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(ops=OPS)
 def test_random_interleavings_keep_counts_consistent(name, ops):
     p = make_policy(name, capacity=6)

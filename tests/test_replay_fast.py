@@ -66,6 +66,9 @@ def test_policy_instance_and_context_hook():
     trace = [req(0, [1, 2]), req(1, [1, 3])]
     simulate(trace, Spy(), 4)
     assert seen == [((1, 2), 0, 0), ((1, 3), 1, 1)]
+    seen.clear()
+    simulate(iter(trace), Spy(), 4)         # any iterable of records
+    assert seen == [((1, 2), 0, 0), ((1, 3), 1, 1)]
 
 
 def test_bad_input_is_refused_before_any_work():

@@ -55,21 +55,6 @@ def model_presets() -> dict:
     return PRESETS
 
 
-def make_spec(cfg: DictConfig):
-    """The ModelSpec of ``cfg.model`` with ``cfg.pool.block_size`` and the layer/dtype overrides."""
-    from kvtriton.spec import get_spec
-
-    spec = get_spec(cfg.model.preset)
-    changes = {}
-    if cfg.model.num_layers is not None:
-        changes["num_layers"] = int(cfg.model.num_layers)
-    if cfg.model.dtype is not None:
-        changes["dtype"] = str(cfg.model.dtype)
-    if cfg.pool.block_size is not None:
-        changes["block_size"] = int(cfg.pool.block_size)
-    return spec.with_(**changes) if changes else spec
-
-
 def _policies_module():
     import kvtriton.policies as pol
 
@@ -100,6 +85,16 @@ def make_policy(cfg: DictConfig, capacity_blocks: int | None = None):
     if cls is not None and capacity_blocks is not None and "capacity" in inspect.signature(cls).parameters:
         params.setdefault("capacity", capacity_blocks)
     return mod.make_policy(cfg.policy.name, **params)
+
+
+def offline_policies() -> tuple[str, ...]:
+    """Policies that need the trace's future (the fast replay only)."""
+    try:
+        from kvtriton.replay import device as dev
+
+        return tuple(getattr(dev, "_OFFLINE_POLICIES", ("belady",)))
+    except ImportError:
+        return ("belady",)
 
 
 def workload_names() -> list[str]:
@@ -258,7 +253,8 @@ def run_device(cfg: DictConfig, requests: list, device: str, progress: bool) -> 
     if plain(cfg.policy.params):
         log.warning("device replay builds policy %r with its default parameters; policy.params=%s apply "
                     "to fast mode only", cfg.policy.name, plain(cfg.policy.params))
-    out = dev.replay_device(requests, cfg.model.preset, str(cfg.policy.name), config=dcfg,
+    model = None if cfg.model.preset == "per_request" else str(cfg.model.preset)
+    out = dev.replay_device(requests, model, str(cfg.policy.name), config=dcfg,
                             progress=progress, **size)
     metrics = {k: _scalar(v) for k, v in out.summary.items() if _is_scalar(v)}
     return metrics, _rows(out.timeseries)

@@ -220,6 +220,7 @@ def register_resolvers() -> None:
 
 # ------------------------------------------------------------------------------------------- checks
 
+PER_REQUEST = "per_request"  # model.preset: each request's ``model`` field names its preset
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -246,9 +247,9 @@ def validate(cfg: DictConfig) -> None:
         return OmegaConf.select(cfg, key, throw_on_missing=True)
 
     # model
-    presets = adapters.model_presets()
+    presets = sorted(adapters.model_presets()) + [PER_REQUEST]
     if get("model.preset") not in presets:
-        raise ConfigError("model.preset", get("model.preset"), f"one of {', '.join(sorted(presets))}")
+        raise ConfigError("model.preset", get("model.preset"), f"one of {', '.join(presets)}")
     _positive_int("model.num_layers", get("model.num_layers"), allow_none=True)
     if get("model.dtype") is not None:
         dtypes = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
@@ -272,6 +273,17 @@ def validate(cfg: DictConfig) -> None:
     policies = adapters.policy_names()
     if policies is not None and adapters.canonical_policy(get("policy.name")) is None:
         raise ConfigError("policy.name", get("policy.name"), f"one of {', '.join(policies)}")
+    device_mode = get("task") is Task.replay and get("replay.mode") is ReplayMode.device
+    if device_mode:
+        offline = adapters.offline_policies()
+        if adapters.canonical_policy(get("policy.name")) in offline:
+            online = [p for p in adapters.policy_names() if adapters.canonical_policy(p) not in offline]
+            raise ConfigError("policy.name", get("policy.name"),
+                              f"a policy the device replay can run ({', '.join(online)}), or replay=fast "
+                              f"(an offline policy needs the trace's future)")
+        if get("model.preset") == PER_REQUEST and budget is None:
+            raise ConfigError("pool.budget_mb", budget, f"a positive number with model.preset={PER_REQUEST} "
+                              "(the shared arena's size; e.g. pool=budget)")
 
     # workload
     workloads = adapters.workload_names()

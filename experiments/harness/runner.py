@@ -46,6 +46,11 @@ def _run_task(cfg: DictConfig, run_dir: Path, job_num: int | None, telemetry) ->
             metrics["device"] = "host"
         else:
             device = adapters.resolve_device(cfg.replay.device, job_num)
+            if device.startswith("cuda"):
+                import torch
+
+                # Triton launches on the current device, so it must be the one the tensors live on
+                torch.cuda.set_device(torch.device(device))
             metrics, series = adapters.run_device(cfg, requests, device, _progress_enabled(cfg))
             metrics.setdefault("device", _device_name(device))
         metrics["workload_load_s"] = t_load

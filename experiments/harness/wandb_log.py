@@ -16,13 +16,18 @@ from typing import Any, Iterable, Mapping
 
 
 def resolve_mode(mode: str) -> str:
+    """online / offline / disabled for ``logger.mode`` (see the module docstring); online without
+    credentials falls back to offline, so a run never stops at a login prompt."""
     mode = getattr(mode, "value", mode)
-    if mode != "auto":
-        return mode
-    env = os.environ.get("WANDB_MODE")
-    if env:
-        return {"dryrun": "offline", "run": "online"}.get(env, env)
-    return "online" if has_credentials() else "offline"
+    if mode == "auto":
+        env = os.environ.get("WANDB_MODE")
+        mode = {"dryrun": "offline", "run": "online"}.get(env, env) if env else "online"
+    if mode == "online" and not has_credentials():
+        import warnings
+
+        warnings.warn("W&B: no credentials (WANDB_API_KEY or `wandb login`); logging offline instead")
+        return "offline"
+    return mode
 
 
 def has_credentials() -> bool:

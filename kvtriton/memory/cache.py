@@ -95,14 +95,13 @@ class VirtualKVCache:
         that become full are registered in the prefix cache. Raises ValueError past ``max_tokens``,
         PoolExhaustedError when the pool is full; either way the cache is unchanged.
         """
-        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+        if type(num_tokens) is not int or num_tokens < 0:
             raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         if token_ids is not None:
             token_ids = list(token_ids)
             if len(token_ids) != num_tokens:
                 raise ValueError(f"token_ids has {len(token_ids)} entries, num_tokens={num_tokens}")
-        self._alive()
-        self.pool._append(self, num_tokens, token_ids)
+        self.pool._append(self, num_tokens, token_ids)  # raises CacheReleasedError after release
 
     def fork(self) -> "VirtualKVCache":
         """A new cache sharing every block (reference counts +1); the first write to a shared block

@@ -166,6 +166,8 @@ class CachePool:
         """``(key_cache, value_cache)`` of ``layer``: views ``[num_blocks, block_size, H, D]`` (spec dtype)."""
         if not isinstance(layer, int) or not 0 <= layer < self.spec.num_layers:
             raise IndexError(f"layer must be in [0, {self.spec.num_layers}), got {layer!r}")
+        if self._closed:
+            raise RuntimeError(f"pool {self.name!r} is closed")
         return self.view[:, layer, 0], self.view[:, layer, 1]
 
     def batch_tensors(self, caches: Sequence[VirtualKVCache], max_blocks: int | None = None):
@@ -364,7 +366,15 @@ class CachePool:
     def _append(self, cache: VirtualKVCache, n: int, token_ids) -> None:
         bs = self.block_size
         with self.lock:
-            self._own(cache)
+            if cache._released:
+                self._own(cache)  # raises CacheReleasedError
+            old_len = cache._seq_len
+            if token_ids is None and (cache.max_tokens is None or old_len + n <= cache.max_tokens):
+                # Fast path (decode): the tokens fit in the last block, which this cache holds alone.
+                blocks = cache._blocks
+                if old_len + n <= len(blocks) * bs and (n == 0 or self._ref[blocks[old_len // bs]] == 1):
+                    cache._seq_len = old_len + n
+                    return
             if cache.max_tokens is not None and cache._seq_len + n > cache.max_tokens:
                 raise ValueError(f"append of {n} tokens to a cache of {cache._seq_len} exceeds its "
                                  f"max_tokens={cache.max_tokens}")
@@ -915,6 +925,7 @@ class CachePool:
             self._free = []
             self._usable[:] = False
             self._capacity = self._n_used = self._n_idle = self._chunks_held = 0
+            self.view = None  # so the arena's memory is freed once the allocator lets it go
 
     def __repr__(self) -> str:
         return (f"CachePool({self.name!r}, spec={self.spec.name!r}, device={self.device}, "

@@ -37,7 +37,7 @@ ORDERS = ("prefix", "forward")
 
 
 def _prepare(requests):
-    """Validate ``requests`` and return ``[(hash_ids tuple, block_tokens, token_refs)]``."""
+    """Validate ``requests``; return them as a sequence and ``[(hash_ids, block_tokens, token_refs)]``."""
     if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
         try:
             requests = list(requests)
@@ -62,7 +62,7 @@ def _prepare(requests):
         if n and not 1 <= last <= bt:
             last = bt  # the record's length disagrees with its blocks: count whole blocks
         prepared.append((ids, bt, bt * (n - 1) + last if n else 0))
-    return prepared
+    return requests, prepared
 
 
 def _check_capacity(capacity, max_blocks):
@@ -113,7 +113,10 @@ def simulate(requests, policy, capacity_blocks, *, order: str = "prefix", sample
     if sample_every is not None and (isinstance(sample_every, bool) or not isinstance(sample_every, int)
                                      or sample_every < 1):
         raise ValueError(f"sample_every must be a positive int or None, got {sample_every!r}")
-    prepared = _prepared if _prepared is not None else _prepare(requests)
+    if _prepared is None:
+        requests, prepared = _prepare(requests)
+    else:
+        prepared = _prepared
     max_blocks = max(len(p[0]) for p in prepared)
     cap = _check_capacity(capacity_blocks, max_blocks)
     pol = _make(policy, cap, prepared, policy_kwargs)
@@ -186,7 +189,7 @@ def _init_worker(state):
 
 
 # Rough relative cost per reference, to start the slowest jobs first.
-_COST = {"belady": 4, "lfu": 3, "size_aware_lru": 3, "adaptive": 2, "s3fifo": 2, "sieve": 2}
+_COST = {"belady": 4, "prefix_aware": 4, "lfu": 3, "size_aware_lru": 3, "adaptive": 2, "s3fifo": 2, "sieve": 2}
 
 
 def miss_ratio_curve(requests, policies=None, capacities=(1000, 3000, 10000, 20000, 30000, 50000), *,
@@ -195,7 +198,7 @@ def miss_ratio_curve(requests, policies=None, capacities=(1000, 3000, 10000, 200
     """Hit rate of every policy at every capacity, as a pandas DataFrame (one row per pair).
 
     ``policies``: registered names or aliases (default: all); ``capacities``: positive ints, each at least
-    the largest request's block count; ``workers``: processes (None: one per CPU, 1: in this process);
+    the largest request's block count; ``workers``: processes (None: one per CPU, 0 or 1: in this process);
     ``policy_kwargs``: ``{name: {constructor kwargs}}``. Columns: ``policy``, ``capacity_blocks``,
     ``hit_rate``, ``token_hit_rate``, ``miss_ratio``, ``evictions``, ``hits``, ``references``,
     ``token_hits``, ``token_references``, ``requests``, ``seconds``; rows sorted by policy, capacity.
@@ -214,7 +217,7 @@ def miss_ratio_curve(requests, policies=None, capacities=(1000, 3000, 10000, 200
     capacities = list(capacities)
     if not capacities:
         raise ValueError("capacities is empty: give at least one capacity in blocks")
-    prepared = _prepare(requests)
+    requests, prepared = _prepare(requests)
     max_blocks = max(len(p[0]) for p in prepared)
     for c in capacities:
         if c is None:
