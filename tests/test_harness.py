@@ -251,6 +251,12 @@ def test_execute_in_process_writes_results_then_skips(hydra_conf, tmp_path):
     assert len(df) == 1 and not df["reused"].iloc[0]  # one row per configuration, the original
     assert len(harness.load_results(tmp_path, dedupe=False)) == 2
 
+    cfg = compose(config_name="config", overrides=FAST + [f"results.index_dir={tmp_path / 'index'}",
+                                                           "results.format=parquet", "results.skip_completed=false"])
+    third = execute(cfg, tmp_path / "c")
+    assert "reused_from" not in third and (tmp_path / "c" / store.SERIES_PARQUET).is_file()
+    assert list(store.load_series(tmp_path / "c")["hit_rate"]) == list(store.load_series(tmp_path / "a")["hit_rate"])
+
 
 # ------------------------------------------------------------------------------ sweeps (subprocess)
 

@@ -152,8 +152,8 @@ def _record_run_metrics(cfg, metrics: dict, cfg_hash: str) -> None:
                                    description=f"{key} of a finished run").record(float(metrics[key]), attrs)
 
 
-_SUMMARY_KEYS = ("hit_rate", "token_hit_rate", "evictions", "preemptions", "decode_tokens_per_s",
-                 "ttft_p50_ms", "targets_met", "wall_s")
+_SUMMARY_KEYS = ("hit_rate", "token_hit_rate", "evictions", "preemptions", "decode_tokens_per_s", "ttft_s_p50",
+                 "step_memory_frac", "targets_met", "wall_s")
 
 
 def _print_summary(name, metrics) -> None:

@@ -21,7 +21,9 @@ def resolve_mode(mode: str) -> str:
     mode = getattr(mode, "value", mode)
     if mode == "auto":
         env = os.environ.get("WANDB_MODE")
-        mode = {"dryrun": "offline", "run": "online"}.get(env, env) if env else "online"
+        if not env:
+            return "online" if has_credentials() else "offline"
+        mode = {"dryrun": "offline", "run": "online"}.get(env, env)
     if mode == "online" and not has_credentials():
         import warnings
 
