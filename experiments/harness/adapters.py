@@ -78,15 +78,6 @@ def canonical_policy(name: str) -> str | None:
         return None
 
 
-def make_policy(cfg: DictConfig, capacity_blocks: int | None = None):
-    params = plain(cfg.policy.params) or {}
-    mod = _policies_module()
-    cls = mod._REGISTRY[mod.canonical_name(cfg.policy.name)] if hasattr(mod, "_REGISTRY") else None
-    if cls is not None and capacity_blocks is not None and "capacity" in inspect.signature(cls).parameters:
-        params.setdefault("capacity", capacity_blocks)
-    return mod.make_policy(cfg.policy.name, **params)
-
-
 def offline_policies() -> tuple[str, ...]:
     """Policies that need the trace's future (the fast replay only)."""
     try:
@@ -129,10 +120,8 @@ def build_workload(cfg: DictConfig) -> list:
             params["limit"] = int(limit)
     else:
         params.setdefault("seed", int(cfg.workload.seed))
-        if limit is not None:
-            for key in ("num_requests", "num_sessions"):
-                if key in params and key == "num_requests":
-                    params[key] = min(int(params[key]), int(limit))
+        if limit is not None and "num_requests" in params:  # generate no more than is replayed
+            params["num_requests"] = min(int(params["num_requests"]), int(limit))
     reqs = make_workload(name, **params)
     return reqs[:limit] if limit is not None else reqs
 

@@ -192,7 +192,7 @@ class CachePool:
     # ------------------------------------------------------------------ requests
     def request(self, num_tokens: int | None = None, *, max_tokens: int | None = None,
                 token_ids: Sequence[int] | None = None,
-                block_hashes: Sequence | None = None) -> VirtualKVCache:
+                block_hashes: Sequence | None = None, request=None) -> VirtualKVCache:
         """A new cache of ``num_tokens`` tokens (the prompt: ``seq_len == num_tokens`` and its blocks
         allocated; the caller writes their K/V), growing later by ``append`` up to ``max_tokens``
         (None: no limit but the pool's).
@@ -200,11 +200,14 @@ class CachePool:
         Prefix caching: with ``token_ids`` (``num_tokens`` defaults to their count) the full blocks
         are hashed vLLM-style; or pass ``block_hashes`` (one per block from the first, e.g. expanded
         Mooncake hash ids). The longest cached prefix is shared (``cache.num_cached_tokens``); the
-        other hashed blocks are registered for later requests. Raises PoolExhaustedError (pool
-        unchanged) when the blocks cannot be found even after growing and evicting.
+        other hashed blocks are registered for later requests. ``request`` (e.g. a workload
+        ``Request``) is handed to the policy's ``on_request`` hook with the block hashes and the hit
+        count, for policies that use what a KV cache knows. Raises PoolExhaustedError (pool unchanged)
+        when the blocks cannot be found even after growing and evicting.
         """
         t0 = time.perf_counter_ns()
-        if (token_ids is None and block_hashes is None and max_tokens is None and type(num_tokens) is int
+        if (token_ids is None and block_hashes is None and max_tokens is None and request is None
+                and type(num_tokens) is int
                 and num_tokens >= 0):
             # Fast path (no prefix caching, free blocks at hand): no validation left to do.
             nblocks = -(-num_tokens // self.block_size)
@@ -238,18 +241,18 @@ class CachePool:
                         pass
                 return cache
         try:
-            cache = self._request(num_tokens, max_tokens, token_ids, block_hashes)
+            cache = self._request(num_tokens, max_tokens, token_ids, block_hashes, request)
         except PoolExhaustedError:
             if self._reclaim is None or not self._reclaim(self):
                 raise
-            cache = self._request(num_tokens, max_tokens, token_ids, block_hashes)
+            cache = self._request(num_tokens, max_tokens, token_ids, block_hashes, request)
         dt = time.perf_counter_ns() - t0
         self._lat_add(dt)
         if self._tel.metering:
             self._h_alloc.record(dt / 1e3, self._tel.attributes)
         return cache
 
-    def _request(self, num_tokens, max_tokens, token_ids, block_hashes) -> VirtualKVCache:
+    def _request(self, num_tokens, max_tokens, token_ids, block_hashes, request=None) -> VirtualKVCache:
         if token_ids is not None:
             if block_hashes is not None:
                 raise ValueError("give token_ids or block_hashes, not both")
@@ -292,6 +295,9 @@ class CachePool:
             idle_hits = sum(1 for b in hits if self._ref[b] == 0)
             self._make_room(need, idle_hits)
             ref, policy = self._ref, self.policy
+            if hashes:
+                # After _make_room: a request that fails leaves the policy untouched too.
+                policy.on_request(hashes, len(hits), request)
             for b in hits:
                 h = self._hash[b]
                 policy.access(h)

@@ -471,10 +471,11 @@ class _PoolHandle:
             self.pool.grow(num_blocks=self.pool.num_blocks)
         self._kv = [self.pool.kv(layer) for layer in range(spec.num_layers)]
 
-    def request(self, num_tokens: int, keys):
+    def request(self, num_tokens: int, keys, req=None):
         """A cache of ``num_tokens`` tokens whose leading full blocks are keyed by ``keys``;
-        ``(cache, hit_blocks)``. PoolExhaustedError leaves the pool unchanged."""
-        cache = self.pool.request(num_tokens, block_hashes=keys if keys else None)
+        ``(cache, hit_blocks)``. ``req`` goes to the policy's ``on_request`` hook. PoolExhaustedError
+        leaves the pool unchanged."""
+        cache = self.pool.request(num_tokens, block_hashes=keys if keys else None, request=req)
         return cache, cache.num_cached_tokens // self.block_size
 
     @staticmethod
@@ -608,7 +609,7 @@ class _Engine:
         it does not fit."""
         ctx = s.context_len
         try:
-            cache, hit_blocks = s.m.pool.request(ctx, s.keys)
+            cache, hit_blocks = s.m.pool.request(ctx, s.keys, s.req)
         except PoolExhaustedError:
             return None
         s.cache, s.blocks = cache, s.m.pool.block_ids(cache)
