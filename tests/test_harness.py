@@ -115,6 +115,22 @@ def test_default_config_is_small_synthetic_device_replay(hydra_conf):
     assert adapters.resolve_device("auto") == ("cuda:0" if __import__("torch").cuda.is_available() else "cpu")
 
 
+def test_auto_device_maps_job_number_to_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [adapters.resolve_device("auto", n) for n in range(6)] == [
+        "cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    assert adapters.resolve_device("auto") == "cuda:0" and adapters.resolve_device("cuda") == "cuda:0"
+    assert adapters.resolve_device("cuda:3", 1) == "cuda:3" and adapters.resolve_device("cpu", 2) == "cpu"
+    with pytest.raises(ValueError, match="cuda:4.*valid values: auto, cpu, cuda:0, cuda:1, cuda:2, cuda:3"):
+        adapters.resolve_device("cuda:4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert adapters.resolve_device("auto", 3) == "cpu"
+
+
 def test_trace_path_is_absolute_and_independent_of_cwd(hydra_conf, monkeypatch, tmp_path):
     monkeypatch.delenv("KVTRITON_TRACES", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -256,6 +272,17 @@ def test_execute_in_process_writes_results_then_skips(hydra_conf, tmp_path):
     third = execute(cfg, tmp_path / "c")
     assert "reused_from" not in third and (tmp_path / "c" / store.SERIES_PARQUET).is_file()
     assert list(store.load_series(tmp_path / "c")["hit_rate"]) == list(store.load_series(tmp_path / "a")["hit_rate"])
+
+
+def test_trace_run_on_the_first_requests(hydra_conf, traces_dir, tmp_path):
+    cfg = compose(config_name="config", overrides=[
+        "workload=mooncake_conversation", f"workload.traces_dir={traces_dir}", "replay.max_requests=300",
+        "pool.capacity_blocks=1000", "policy=belady", "logger=none", "replay.progress=false",
+        f"results.index_dir={tmp_path / 'index'}"])
+    assert cfg.replay.mode.value == "fast"
+    res = execute(cfg, tmp_path / "run")
+    assert res["metrics"]["requests"] == 300 and 0 < res["metrics"]["hit_rate"] < 1
+    assert Path(res["config"]["workload"]["trace_path"]) == traces_dir / "conversation_trace.jsonl"
 
 
 # ------------------------------------------------------------------------------ sweeps (subprocess)
