@@ -136,7 +136,7 @@ def test_trace_path_is_absolute_and_independent_of_cwd(hydra_conf, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     cfg = compose(config_name="config", overrides=["workload=mooncake_conversation"])
     expected = (ROOT.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl").resolve()
-    assert Path(cfg.workload.trace_path) == expected
+    assert Path(cfg.workload.trace_path).resolve() == expected
     assert cfg.replay.mode.value == "fast"  # trace workloads default to the fast simulator
     cfg = compose(config_name="config", overrides=["workload=mooncake_conversation", "replay=device"])
     assert cfg.replay.mode.value == "device"

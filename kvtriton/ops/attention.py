@@ -204,7 +204,8 @@ if HAS_TRITON:
                 for j in tl.static_range(BLOCK_N // BLOCK_SIZE):
                     blk = tile * (BLOCK_N // BLOCK_SIZE) + j
                     pj = tl.sum(tl.where(rel[None, :] == j, p, 0.0), 1)
-                    wmask = g_mask & (blk < max_blocks)
+                    # A tensor comparison: some interpreter versions reject a Python bool in a mask.
+                    wmask = g_mask & ((g * 0 + blk) < max_blocks)
                     tl.store(MASS + row + blk, pj, mask=wmask)
                     tl.store(MREF + row + blk, m_new, mask=wmask)
 
