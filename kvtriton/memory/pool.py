@@ -709,7 +709,9 @@ class CachePool:
             moved = self._shrink(num_chunks, evict)
         return moved
 
-    def _shrink(self, num_chunks: int, evict: bool) -> int:
+    def _shrink(self, num_chunks: int, evict: bool, probe: bool = False) -> int:
+        """Give back ``num_chunks`` chunks (see :meth:`shrink`). With ``probe`` only check that it is
+        possible: raise as the real call would, change nothing, count nothing."""
         with self.arena.lock:
             held = self.arena.chunks_of(self.pool_id)
         if num_chunks > len(held):
@@ -748,12 +750,15 @@ class CachePool:
         idle_out = self._n_idle - len(idle_lost)
         if len(used_lost) > rem_free + (idle_out if evict else 0) or \
                 (not evict and len(used_lost) + len(idle_lost) > rem_free):
-            self._counters["exhausted"] += 1
+            if not probe:
+                self._counters["exhausted"] += 1
             raise PoolExhaustedError(
                 self.name, len(used_lost), rem_free, idle_out if evict else 0,
                 message=f"pool {self.name!r} cannot shrink by {num_chunks} chunks: {len(used_lost)} used "
                         f"and {len(idle_lost)} cached blocks live there, {rem_free} blocks free and "
                         f"{idle_out} evictable in the other chunks (evict={evict})")
+        if probe:
+            return num_chunks
         evicted = 0
         while rem_free < len(used_lost) + len(idle_lost) and self._n_idle > 0:
             b = self._evict_one()
@@ -821,12 +826,18 @@ class CachePool:
             per_chunk = max(1.0, self.arena.chunk_bytes / self.block_bytes)
             k = held - int(np.ceil(live / per_chunk))
             released = 0
-            while k > 0:
+            # Feasibility falls monotonically with the number of chunks given back (the emptiest
+            # go first), so binary-search the largest feasible count with side-effect-free probes.
+            lo, hi = 0, max(k, 0)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
                 try:
-                    released = self._shrink(k, evict)
-                    break
+                    self._shrink(mid, evict, probe=True)
+                    lo = mid
                 except (PoolExhaustedError, ValueError):
-                    k -= 1
+                    hi = mid - 1
+            if lo > 0:
+                released = self._shrink(lo, evict)
         if self._tel.tracing:
             with self._tel.span("kvtriton.compact", chunks=released, bytes=released * self.arena.chunk_bytes):
                 pass

@@ -16,12 +16,12 @@ DEAD = float("-inf")
 class PrefixAwarePolicy(HeapPolicy):
     """A policy for prefix caches of LLM serving; O(log n).
 
-    A block's priority (lowest evicted first) is ``beta * E / C + r``: ``E`` is the number of evictions
-    so far and ``C`` the capacity, so ``E / C`` is time counted in cache turnovers, and ``r`` is the
-    number of requests that have referenced the block, *including before it was last evicted*: a
-    bounded history of ``history`` evicted keys (by default 8 x capacity, at least 131,072) remembers
-    their counts. One more reference is worth ``1 / beta`` turnovers of age. What a generic cache does
-    not know and this policy uses:
+    A block's priority (lowest evicted first) is ``A + r``: ``A`` is the cache's age, which grows by
+    ``beta / C`` at every eviction (``C`` the capacity), so that one more reference is worth ``1 / beta``
+    cache turnovers of age, and ``r`` is the number of requests that have referenced the block,
+    *including before it was last evicted*: a bounded history of ``history`` evicted keys (by default
+    8 x capacity, at least 131,072) remembers their counts. What a generic cache does not know and this
+    policy uses:
 
     - the priority is set when the block is *released* (its request completes), not when it is hit;
     - the last block of a request whose prompt does not fill it (``input_length`` not a multiple of
@@ -33,18 +33,45 @@ class PrefixAwarePolicy(HeapPolicy):
     - ties go to the block released first, and the replay releases a request's blocks last-first, so
       among equals a request's tail goes before its head and cached prefixes stay whole.
 
+    How much a reference is worth against age depends on the workload and on the cache size (on the
+    Mooncake conversation trace the best ``beta`` is 0.25-0.5 at 1,000-3,000 blocks and 2-4 from 10,000
+    up; on the synthetic trace it is 4 from 1,000 to 10,000). With ``beta=None`` (the default) and a
+    ``capacity``, the policy learns it online: it replays each request's blocks through one small
+    fixed-``beta`` shadow cache per value in ``betas`` (prefix hits, immediate release; keys only, no
+    data), scores each by its prefix hits with an exponential decay of half-life ``half_life`` requests,
+    and every ``every`` requests takes the ``beta`` of the best-scoring shadow (the current one on a tie).
+    A change of ``beta`` changes how fast the age grows from then on, never the priorities already
+    given, so no block jumps the queue. This costs one shadow replay per candidate (about
+    ``len(betas) + 1`` times the work of a fixed ``beta``) and ``len(betas)`` times the key memory.
+    With a number for ``beta``, or without ``capacity``, or without ``on_request`` calls, ``beta`` is
+    fixed (2.0 when not given).
+
     The request context comes from ``on_request`` (the replay engines call it); without it no block is
     known dead. ``C`` is ``capacity``, or without it the largest number of resident keys seen so far.
     """
 
-    def __init__(self, capacity: int | None = None, beta: float = 2.0, history: int | None = None):
+    def __init__(self, capacity: int | None = None, beta: float | None = None, history: int | None = None,
+                 betas=(0.5, 2.0, 4.0), half_life: float = 500.0, every: int = 50):
         self._capacity = check_capacity(capacity)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"beta must be a positive number, got {beta!r}")
+        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0):
+            raise ValueError(f"beta must be a positive number or None (learned online), got {beta!r}")
         if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 0):
             raise ValueError("history must be a non-negative int or None (8 x capacity, at least 131072), "
                              f"got {history!r}")
+        try:
+            betas = tuple(betas)
+        except TypeError:
+            raise ValueError(f"betas must be a non-empty sequence of positive numbers, got {betas!r}") from None
+        if not betas or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0 for b in betas):
+            raise ValueError(f"betas must be a non-empty sequence of positive numbers, got {betas!r}")
+        if isinstance(half_life, bool) or not isinstance(half_life, (int, float)) or not half_life > 0:
+            raise ValueError(f"half_life must be a positive number of requests, got {half_life!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int (requests between choices), got {every!r}")
         super().__init__()
+        adaptive = beta is None and self._capacity is not None
+        if beta is None:
+            beta = 2.0 if 2.0 in betas or not adaptive else betas[len(betas) // 2]
         self.beta = float(beta)
         self._history_limit = history
         self._refs: dict = {}
@@ -52,6 +79,30 @@ class PrefixAwarePolicy(HeapPolicy):
         self._evictions = 0
         self._high_water = 0
         self._dead = None
+        # The age is _age0 + beta * (evictions - _ev0) / C: piecewise linear, continuous when beta changes.
+        self._age0 = 0.0
+        self._ev0 = 0
+        self.betas = tuple(float(b) for b in betas)
+        self._shadows = None
+        if adaptive:
+            self._shadows = [_Shadow(self._capacity, b, history) for b in self.betas]
+            self._scores = [0.0] * len(self.betas)
+            self._decay = 0.5 ** (1.0 / half_life)
+            self._every = every
+            self._requests = 0
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether ``beta`` is learned online (see the class docstring)."""
+        return self._shadows is not None
+
+    def _age(self):
+        return self._age0 + self.beta * (self._evictions - self._ev0) / self._cap()
+
+    def _set_beta(self, beta):
+        self._age0 = self._age()
+        self._ev0 = self._evictions
+        self.beta = beta
 
     def _cap(self):
         if self._capacity is not None:
@@ -64,19 +115,33 @@ class PrefixAwarePolicy(HeapPolicy):
             bt = getattr(request, "block_tokens", 512) or 512
             if request.input_length % bt:
                 self._dead = keys[-1]
+        if self._shadows is not None:
+            self._learn(keys, request)
+
+    def _learn(self, keys, request):
+        keys = tuple(keys)
+        scores, decay = self._scores, self._decay
+        for i, sh in enumerate(self._shadows):
+            scores[i] = scores[i] * decay + sh.step(keys, request)
+        self._requests += 1
+        if self._requests % self._every == 0:
+            best = max(range(len(scores)), key=scores.__getitem__)
+            cur = self.betas.index(self.beta) if self.beta in self.betas else None
+            if cur is None or scores[best] > scores[cur]:
+                self._set_beta(self.betas[best])
 
     def _push(self, key):
         if key == self._dead:
             self._prio[key] = DEAD
         else:
-            self._prio[key] = self.beta * self._evictions / self._cap() + self._refs[key]
+            self._prio[key] = self._age() + self._refs[key]
         super()._push(key)
 
     def unpin_many(self, keys) -> None:
         # The replay's hot path: priorities set and entries pushed inline.
         pinned, stamp, prio, refs, heap = self._pinned, self._stamp, self._prio, self._refs, self._heap
         push = heapq.heappush
-        base = self.beta * self._evictions / self._cap()
+        base = self._age()
         dead = self._dead
         clock = self._clock
         try:
@@ -160,3 +225,37 @@ class PrefixAwarePolicy(HeapPolicy):
     def references(self, key) -> int:
         """Requests that referenced ``key`` (resident or remembered), 0 if unknown."""
         return self._refs.get(key, self._history.get(key, 0))
+
+
+class _Shadow:
+    """A fixed-``beta`` prefix cache of keys only, replaying requests with immediate release."""
+
+    __slots__ = ("policy", "resident", "capacity")
+
+    def __init__(self, capacity, beta, history):
+        self.policy = PrefixAwarePolicy(capacity=capacity, beta=beta, history=history)
+        self.resident = set()
+        self.capacity = capacity
+
+    def step(self, keys, request) -> int:
+        """Replay one request; return its prefix hits. Requests larger than the cache are skipped."""
+        res, pol = self.resident, self.policy
+        if len(keys) > self.capacity:
+            return 0
+        h = 0
+        for k in keys:
+            if k in res:
+                h += 1
+            else:
+                break
+        pol.on_request(keys, h, request)
+        for k in keys:
+            if k in res:
+                pol.access_and_pin(k)
+            else:
+                if len(res) >= self.capacity:
+                    res.discard(pol.victim())
+                pol.insert_and_pin(k)
+                res.add(k)
+        pol.unpin_many(reversed(keys))
+        return h
