@@ -515,7 +515,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--only", nargs="*", type=int, default=None, help="run only these benchmarks (1-6)")
-    ap.add_argument("--small", action="store_true", help="smaller counts (smoke runs)")
+    ap.add_argument("--small", "--smoke", dest="small", action="store_true", help="smaller counts (smoke runs)")
     ap.add_argument("--traces", default=os.environ.get("KVTRITON_TRACES", str(ROOT.parent / "shared" / "traces" / "mooncake")))
     args = ap.parse_args(argv)
     dev = args.device
@@ -541,18 +541,22 @@ def main(argv=None) -> int:
     move_blocks(kc, torch.tensor([0], device=device), torch.tensor([1], device=device))
     append_kv(kc[0, :1], vc[0, :1], kc, vc, torch.tensor([0], device=device))
     _sync(device)
+    sections = {}
     results = {"device": str(device), "device_name": name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-               "torch": torch.__version__, "cpus": os.cpu_count(), "document": DOC}
+               "torch": torch.__version__, "cpus": os.cpu_count(), "small": small, "document": DOC,
+               "results": sections}
     for i, (key, fn) in benches.items():
         if args.only and i not in args.only:
             continue
         t0 = time.perf_counter()
         print(f"\n[{i}/6] {key} ...", flush=True)
-        results[key] = fn()
-        print(json.dumps(results[key], indent=1, default=str)[:4000], flush=True)
+        sections[key] = fn()
+        print(json.dumps(sections[key], indent=1, default=str)[:4000], flush=True)
         print(f"[{i}/6] done in {time.perf_counter() - t0:.1f} s", flush=True)
+    summary = _summary(sections)
+    results["summary"] = summary
     print("\nSUMMARY (" + name + ")")
-    print(_fmt_table(_summary(results), ["benchmark", "kvtriton", "baseline", "document"]))
+    print(_fmt_table(summary, ["benchmark", "kvtriton", "baseline", "document"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(args.out).with_suffix(".tmp")

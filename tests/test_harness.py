@@ -149,6 +149,7 @@ def test_experiment_presets_set_their_sweep(hydra_conf, fake_traces):
     assert "belady" in params["policy"] and "10000" in params["pool.capacity_blocks"]
     assert compose(config_name="config", overrides=["experiment=bench_kernels"]).task.value == "bench_kernels"
     assert compose(config_name="config", overrides=["experiment=bench_memory"]).task.value == "bench_memory"
+    assert compose(config_name="config", overrides=["experiment=bench_suite"]).task.value == "bench_suite"
 
 
 # ------------------------------------------------------------------------------------ bad values
@@ -402,3 +403,15 @@ def test_submitit_local_launcher(tmp_path):
     df = harness.load_results(tmp_path / "sweep")
     assert sorted(df["policy"]) == ["fifo", "lru"]
     assert (tmp_path / "sweep" / ".submitit").is_dir()
+
+
+def test_design_suite_preset_stores_its_sections(hydra_conf, tmp_path):
+    cfg = compose(config_name="config", overrides=[
+        "experiment=bench_suite", "bench.device=cpu", "bench.smoke=true", "bench.args=[--only,6]",
+        "logger=none", f"results.index_dir={tmp_path / 'index'}"])
+    res = execute(cfg, tmp_path / "suite")
+    assert store.is_complete(tmp_path / "suite")
+    data = json.loads((tmp_path / "suite" / "bench_suite.json").read_text())
+    rec = data["results"]["6_error_recovery"]
+    assert rec["exhausted"]["raised"] and rec["exhausted"]["unchanged_by_failed_request"]
+    assert res["metrics"]["bench_rows"] == 1

@@ -252,7 +252,8 @@ def run_device(cfg: DictConfig, requests: list, device: str, progress: bool) -> 
 # -------------------------------------------------------------------------------------- benchmarks
 
 def bench_script(task: str) -> Path:
-    return EXPERIMENTS_DIR / {"bench_kernels": "bench_kernels.py", "bench_memory": "bench_memory.py"}[task]
+    return EXPERIMENTS_DIR / {"bench_kernels": "bench_kernels.py", "bench_memory": "bench_memory.py",
+                            "bench_suite": "bench_suite.py"}[task]
 
 
 def script_has_flag(path: Path, flag: str) -> bool:

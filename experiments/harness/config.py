@@ -34,6 +34,7 @@ class Task(str, enum.Enum):
     replay = "replay"
     bench_kernels = "bench_kernels"
     bench_memory = "bench_memory"
+    bench_suite = "bench_suite"
 
 
 class ReplayMode(str, enum.Enum):
