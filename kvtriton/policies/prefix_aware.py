@@ -1,4 +1,5 @@
-"""PREFIX_AWARE: recency plus remembered reuse, priced when a request releases its blocks; dead tails first."""
+"""PREFIX_AWARE: recency plus remembered reuse, priced when a request releases its blocks; dead tails first;
+the worth of a reference against age learned online by shadow caches."""
 
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ class PrefixAwarePolicy(HeapPolicy):
             beta = 2.0 if 2.0 in betas or not adaptive else betas[len(betas) // 2]
         self.beta = float(beta)
         self._history_limit = history
+        # Known once and for all when the capacity or the history is given (0: recompute each time).
+        self._fixed_limit = (history if history is not None else
+                             max(8 * self._capacity, 1 << 17) if self._capacity is not None else 0)
         self._refs: dict = {}
         self._history: OrderedDict = OrderedDict()  # evicted key -> its count, oldest first
         self._evictions = 0
@@ -215,7 +219,7 @@ class PrefixAwarePolicy(HeapPolicy):
                 del prio[key], stamp[key]
                 self._evictions += 1
                 hist[key] = refs.pop(key)
-                if len(hist) > self._limit():
+                if len(hist) > (self._fixed_limit or self._limit()):
                     hist.popitem(last=False)
                 return key
 
@@ -230,32 +234,39 @@ class PrefixAwarePolicy(HeapPolicy):
 class _Shadow:
     """A fixed-``beta`` prefix cache of keys only, replaying requests with immediate release."""
 
-    __slots__ = ("policy", "resident", "capacity")
+    __slots__ = ("policy", "resident", "capacity", "_ops")
 
     def __init__(self, capacity, beta, history):
-        self.policy = PrefixAwarePolicy(capacity=capacity, beta=beta, history=history)
+        pol = PrefixAwarePolicy(capacity=capacity, beta=beta, history=history)
+        self.policy = pol
         self.resident = set()
         self.capacity = capacity
+        self._ops = (pol.on_request, pol.access_and_pin, pol.insert_and_pin, pol.victim, pol.unpin_many)
 
     def step(self, keys, request) -> int:
         """Replay one request; return its prefix hits. Requests larger than the cache are skipped."""
-        res, pol = self.resident, self.policy
+        res = self.resident
         if len(keys) > self.capacity:
             return 0
+        on_request, access_pin, insert_pin, victim, unpin_many = self._ops
         h = 0
         for k in keys:
             if k in res:
                 h += 1
             else:
                 break
-        pol.on_request(keys, h, request)
-        for k in keys:
-            if k in res:
-                pol.access_and_pin(k)
+        on_request(keys, h, request)
+        n = len(res)
+        cap = self.capacity
+        for i, k in enumerate(keys):
+            if i < h or k in res:
+                access_pin(k)
             else:
-                if len(res) >= self.capacity:
-                    res.discard(pol.victim())
-                pol.insert_and_pin(k)
+                if n >= cap:
+                    res.discard(victim())
+                    n -= 1
+                insert_pin(k)
                 res.add(k)
-        pol.unpin_many(reversed(keys))
+                n += 1
+        unpin_many(reversed(keys))
         return h
