@@ -341,3 +341,17 @@ def test_model_none_routes_by_request_field():
 def test_several_models_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_policy_kwargs_reach_the_pool_and_bad_ones_are_refused():
+    from kvtriton.replay import DeviceReplayConfig, replay_device
+    from kvtriton.workloads import make_workload
+
+    reqs = make_workload("zipf", num_requests=6, block_tokens=64, suffix_tokens=(16, 64), output_tokens=(2, 4))
+    cfg = DeviceReplayConfig(device="cpu")
+    with ops.backend("reference"):
+        res = replay_device(reqs, "tiny", "s3fifo", capacity_blocks=256, config=cfg,
+                            policy_kwargs={"small_ratio": 0.25})
+    assert res.summary["completed"] == 6
+    with pytest.raises(ValueError, match="policy_kwargs"):
+        replay_device(reqs, "tiny", "lru", capacity_blocks=256, config=cfg, policy_kwargs={"nosuch": 1})

@@ -239,12 +239,9 @@ def run_device(cfg: DictConfig, requests: list, device: str, progress: bool) -> 
     dcfg = dev.DeviceReplayConfig(**knobs)
     cap, budget = cfg.pool.capacity_blocks, cfg.pool.budget_mb
     size = {"budget_bytes": int(float(budget) * 2**20)} if budget is not None else {"capacity_blocks": int(cap)}
-    if plain(cfg.policy.params):
-        log.warning("device replay builds policy %r with its default parameters; policy.params=%s apply "
-                    "to fast mode only", cfg.policy.name, plain(cfg.policy.params))
     model = None if cfg.model.preset == "per_request" else str(cfg.model.preset)
     out = dev.replay_device(requests, model, str(cfg.policy.name), config=dcfg,
-                            progress=progress, **size)
+                            progress=progress, policy_kwargs=plain(cfg.policy.params) or None, **size)
     metrics = {k: _scalar(v) for k, v in out.summary.items() if _is_scalar(v)}
     return metrics, _rows(out.timeseries)
 

@@ -338,7 +338,8 @@ def _resolve_models(model, cfg: DeviceReplayConfig) -> tuple[dict[str, ModelSpec
 def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru", *,
                   capacity_blocks: int | None = None, budget_bytes: int | None = None,
                   config: DeviceReplayConfig | None = None, progress: bool = False,
-                  on_step: Callable[[dict], None] | None = None) -> DeviceReplayResult:
+                  on_step: Callable[[dict], None] | None = None,
+                  policy_kwargs: dict | None = None) -> DeviceReplayResult:
     """Serve ``requests`` on the device with pools of the model shapes under eviction ``policy``.
 
     ``model``: a ``ModelSpec`` or preset name (one pool serves every request); or a dict
@@ -352,7 +353,7 @@ def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru"
     there are several). Every argument is checked before any device memory is touched.
     """
     from ..memory import GPUMemoryAllocator  # the memory package imports ops; keep replay import light
-    from ..policies import available_policies, canonical_name
+    from ..policies import available_policies, canonical_name, make_policy
 
     cfg = config if config is not None else DeviceReplayConfig()
     if not isinstance(cfg, DeviceReplayConfig):
@@ -366,6 +367,14 @@ def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru"
                              f"({', '.join(sorted(PRESETS))})")
         specs, by_request = _resolve_models({n: n for n in names}, cfg)
     policy_name = canonical_name(policy)
+    if policy_kwargs is not None and not isinstance(policy_kwargs, dict):
+        raise ValueError(f"policy_kwargs must be a dict of {policy_name}'s constructor arguments, "
+                         f"got {policy_kwargs!r}")
+    if policy_kwargs:
+        try:  # bad arguments fail here, before any work
+            make_policy(policy_name, **policy_kwargs)
+        except TypeError as e:
+            raise ValueError(f"policy_kwargs {sorted(policy_kwargs)} do not fit policy {policy_name!r}: {e}") from e
     if policy_name in _OFFLINE_POLICIES:
         valid = [p for p in available_policies() if p not in _OFFLINE_POLICIES]
         raise ValueError(f"policy {policy!r} needs the trace's future and runs in the fast replay "
@@ -409,7 +418,8 @@ def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru"
 
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
         engine = _Engine(seqs, specs, policy_name, capacity_blocks if not multi else None,
-                         budget_bytes if multi else None, cfg, device, GPUMemoryAllocator)
+                         budget_bytes if multi else None, cfg, device, GPUMemoryAllocator,
+                         policy_kwargs=policy_kwargs)
         try:
             return engine.run(progress, on_step)
         finally:
@@ -462,8 +472,9 @@ def _make_allocator(allocator_cls, specs: dict, capacity_blocks, budget_bytes, c
 class _PoolHandle:
     """The replay's use of one ``CachePool`` of the allocator."""
 
-    def __init__(self, alloc, name: str, spec: ModelSpec, policy: str, chunk_bytes: int, preallocate: bool):
-        self.pool = alloc.create_pool(name, spec, policy=policy)
+    def __init__(self, alloc, name: str, spec: ModelSpec, policy: str, chunk_bytes: int, preallocate: bool,
+                 policy_kwargs: dict | None = None):
+        self.pool = alloc.create_pool(name, spec, policy=policy, policy_kwargs=policy_kwargs)
         self.chunk_bytes = chunk_bytes
         self.block_size = spec.block_size
         if preallocate:
@@ -549,7 +560,7 @@ class _Model:
 
 class _Engine:
     def __init__(self, seqs, specs: dict, policy: str, capacity_blocks, budget_bytes,
-                 cfg: DeviceReplayConfig, device: torch.device, allocator_cls):
+                 cfg: DeviceReplayConfig, device: torch.device, allocator_cls, policy_kwargs=None):
         self.seqs, self.specs, self.policy, self.cfg, self.device = seqs, specs, policy, cfg, device
         self.multi = len(specs) > 1
         self.alloc, chunk = _make_allocator(allocator_cls, specs, capacity_blocks, budget_bytes, cfg, device)
@@ -558,7 +569,8 @@ class _Engine:
             self.models: dict[str, _Model] = {}
             for name, spec in specs.items():
                 # one model owns its arena and claims it up front; several grow into the shared arena
-                pool = _PoolHandle(self.alloc, name, spec, policy, chunk, cfg.preallocate and not self.multi)
+                pool = _PoolHandle(self.alloc, name, spec, policy, chunk, cfg.preallocate and not self.multi,
+                                   policy_kwargs)
                 mine = [s for s in seqs if s.model == name]
                 m = self.models[name] = _Model(name, spec, pool, mine, cfg, device, gen)
                 for s in mine:
