@@ -355,3 +355,18 @@ def test_policy_kwargs_reach_the_pool_and_bad_ones_are_refused():
     assert res.summary["completed"] == 6
     with pytest.raises(ValueError, match="policy_kwargs"):
         replay_device(reqs, "tiny", "lru", capacity_blocks=256, config=cfg, policy_kwargs={"nosuch": 1})
+
+
+def test_kernel_warm_up_runs_on_the_pool_layout_and_changes_no_result():
+    """The warm-up that runs by default on CUDA, forced here on the CPU (Triton's interpreter)."""
+    from kvtriton.replay import DeviceReplayConfig, replay_device
+    from kvtriton.workloads import make_workload
+
+    reqs = make_workload("zipf", num_requests=4, block_tokens=64, suffix_tokens=(16, 48), output_tokens=(2, 3))
+    runs = [replay_device(reqs, "tiny", "lru", capacity_blocks=128,
+                          config=DeviceReplayConfig(device="cpu", warmup=w, step_time_s=0.01))
+            for w in (True, False)]
+    keys = ("completed", "hit_rate", "prefill_tokens_saved", "evictions", "decode_tokens")
+    assert [r.summary[k] for k in keys for r in runs[:1]] == [r.summary[k] for k in keys for r in runs[1:]]
+    with pytest.raises(ValueError, match="config.warmup"):
+        DeviceReplayConfig(device="cpu", warmup="yes").validate()

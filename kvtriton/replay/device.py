@@ -118,6 +118,7 @@ class DeviceReplayConfig:
     preallocate: bool = True                  # claim every arena chunk up front (else grow on demand)
     record_every: int = 1                     # a time-series row every N steps
     check_invariants: bool = False            # validate the pool after every step (slow; for tests)
+    warmup: bool | None = None                # compile the kernels before the loop (None: on CUDA only)
     seed: int = 0
 
     def validate(self) -> None:
@@ -145,6 +146,8 @@ class DeviceReplayConfig:
         t = self.compaction_threshold
         if t is not None and not (isinstance(t, (int, float)) and 0.0 <= t < 1.0):
             raise ValueError(f"config.compaction_threshold must be None or in [0, 1), got {t!r}")
+        if self.warmup is not None and not isinstance(self.warmup, bool):
+            raise ValueError(f"config.warmup must be None, True or False, got {self.warmup!r}")
         if self.dtype is not None:
             parse_dtype(self.dtype)
         resolve_device(self.device)
@@ -732,10 +735,32 @@ class _Engine:
         return row
 
     # ------------------------------------------------------------------------------ main loop
+    def _warm_up(self):
+        """Compile the kernels the loop launches (Triton JIT-compiles on first use, seconds that would
+        otherwise land in the first steps' timings), on scratch tensors laid out like the pool's views."""
+        from ..ops import move_blocks
+        dev = self.device
+        for m in self.models.values():
+            spec = m.pool.pool.spec
+            scratch = torch.zeros((4, *spec.block_shape), dtype=spec.dtype, device=dev)
+            kc, vc = scratch[:, 0, 0], scratch[:, 0, 1]
+            b = min(2, m.q.shape[0])
+            bt = torch.tensor([[0, 1], [2, 3]][:b], dtype=torch.int32, device=dev)
+            lens = torch.full((b,), 2 * spec.block_size - 1, dtype=torch.int32, device=dev)
+            slots = torch.arange(b, dtype=torch.int64, device=dev)
+            self._append_kv(m.k_new[:b], m.v_new[:b], kc, vc, slots)
+            for splits in (1, 2):  # the loop may take either variant
+                self._attn(m.q[:b], kc, vc, bt, lens, num_splits=splits)
+            move_blocks(scratch, torch.tensor([0], device=dev), torch.tensor([3], device=dev))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     def run(self, progress: bool, on_step):
         from ..ops import append_kv, paged_decode_attention
         self._append_kv, self._attn = append_kv, paged_decode_attention
         cfg, dev = self.cfg, self.device
+        if cfg.warmup or (cfg.warmup is None and dev.type == "cuda"):
+            self._warm_up()
         pc = time.perf_counter
         models = list(self.models.values())
         self.waiting: deque[_Seq] = deque()
