@@ -552,7 +552,10 @@ class CachePool:
         """Claim arena chunks until ``need`` more blocks are usable (and at least ``min_chunks`` chunks,
         default ``grow_chunks``, where the arena allows); returns the chunks claimed."""
         if min_chunks is None:
-            min_chunks = self.grow_chunks
+            # Geometric growth (an eighth of what is held, at least grow_chunks) keeps the number of
+            # O(arena) growth scans logarithmic in a pool's size; the allocator takes empty chunks
+            # back from a pool when another one runs short, so the extra is never stranded.
+            min_chunks = max(self.grow_chunks, self._chunks_held // 8)
         limit = None if self.max_chunks is None else self.max_chunks - self._chunks_held
         if max_new_chunks is not None:
             limit = max_new_chunks if limit is None else min(limit, max_new_chunks)
