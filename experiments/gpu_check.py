@@ -1,6 +1,6 @@
 """Check and time everything on a CUDA machine in one call, within 10 minutes.
 
-Runs, in order: the GPU correctness tests (``pytest -m gpu`` with the interpreter off), the kernel
+Runs, in order (step limits add up to 9 minutes): the GPU correctness tests (``pytest -m gpu`` with the interpreter off), the kernel
 benchmark, the memory-manager benchmark, the design-document benchmark suite and a short device
 replay. Each step has its own time limit; a failed or timed-out step is reported and the rest still run.
 Every step's JSON lands in ``--out`` (default ``gpu_results/``); the summary table is printed last and
@@ -31,15 +31,15 @@ def _steps(out: Path, quick: bool):
     q = ["--quick"] if quick else []
     return [
         ("gpu tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                       "tests/test_gpu.py"], None, 150),
+                       "tests/test_gpu.py"], None, 120),
         ("kernel benchmark", [py, "experiments/bench_kernels.py", "--out", str(out / "bench_kernels.json"), *q],
-         out / "bench_kernels.json", 200),
+         out / "bench_kernels.json", 180),
         ("memory benchmark", [py, "experiments/bench_memory.py", "--device", "cuda",
-                              "--out", str(out / "bench_memory.json")], out / "bench_memory.json", 90),
+                              "--out", str(out / "bench_memory.json")], out / "bench_memory.json", 60),
         ("design suite", [py, "experiments/bench_suite.py", "--device", "cuda",
-                          "--out", str(out / "bench_suite.json")], out / "bench_suite.json", 120),
+                          "--out", str(out / "bench_suite.json")], out / "bench_suite.json", 100),
         ("device replay", [py, "experiments/bench_replay_device.py", "--device", "cuda",
-                           "--out", str(out / "bench_replay_device.json")], out / "bench_replay_device.json", 90),
+                           "--out", str(out / "bench_replay_device.json")], out / "bench_replay_device.json", 80),
     ]
 
 
