@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,16 +74,17 @@ def main(argv=None) -> int:
             with open(log, "w") as fh:
                 p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
-                for line in p.stdout:
-                    sys.stdout.write(line)
-                    fh.write(line)
-                    if time.perf_counter() - t0 > limit:
-                        p.kill()
-                        break
-                rc = p.wait()
-            status = "ok" if rc == 0 else f"failed (rc={rc})"
-            if time.perf_counter() - t0 > limit:
-                status = "timed out"
+                # A watchdog, so that a step that hangs without printing is stopped too.
+                watchdog = threading.Timer(limit, p.kill)
+                watchdog.start()
+                try:
+                    for line in p.stdout:
+                        sys.stdout.write(line)
+                        fh.write(line)
+                    rc = p.wait()
+                finally:
+                    watchdog.cancel()
+            status = "ok" if rc == 0 else ("timed out" if time.perf_counter() - t0 >= limit else f"failed (rc={rc})")
         except Exception as e:
             status = f"error: {e}"
         secs = time.perf_counter() - t0
