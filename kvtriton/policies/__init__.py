@@ -14,6 +14,7 @@ from .s3fifo import S3FIFOPolicy
 from .sieve import SievePolicy
 from .belady import BeladyPolicy
 from .prefix_aware import PrefixAwarePolicy
+from .kv_hawkeye import KVHawkeyePolicy
 
 __all__ = ["EvictionPolicy", "Key", "available_policies", "canonical_name", "make_policy", "register_policy",
            "LRUPolicy", "FIFOPolicy", "LFUPolicy", "GDSFPolicy", "ARCPolicy", "S3FIFOPolicy", "SievePolicy",
