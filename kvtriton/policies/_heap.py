@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 
-from ._util import already_resident, check_size, empty, not_pinned, not_resident
+from ._util import already_resident, check_size, drop_pin, empty, not_pinned, not_resident
 from .base import EvictionPolicy, Key
 
 
@@ -52,7 +52,7 @@ class HeapPolicy(EvictionPolicy):
             self._rebuild()
 
     def _rebuild(self):
-        stamp, pinned, prio = self._stamp, self._pinned, self._prio
+        stamp, pinned = self._stamp, self._pinned
         self._heap = [e for e in self._heap if stamp.get(e[2]) == e[1] and e[2] not in pinned]
         heapq.heapify(self._heap)
 
@@ -111,13 +111,7 @@ class HeapPolicy(EvictionPolicy):
         self._pinned[key] = self._pinned.get(key, 0) + 1
 
     def unpin(self, key: Key) -> None:
-        n = self._pinned.get(key)
-        if n is None:
-            raise not_pinned(key)
-        if n > 1:
-            self._pinned[key] = n - 1
-        else:
-            del self._pinned[key]
+        if drop_pin(self._pinned, key):
             self._push(key)
 
     def unpin_many(self, keys) -> None:

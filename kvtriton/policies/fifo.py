@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ._util import already_resident, check_capacity, check_size, empty, not_pinned, not_resident
+from ._util import already_resident, check_capacity, check_size, drop_pin, empty, not_pinned, not_resident
 from .base import EvictionPolicy, Key, register_policy
 
 
@@ -68,14 +68,7 @@ class FIFOPolicy(EvictionPolicy):
             raise not_resident(key)
 
     def unpin(self, key: Key) -> None:
-        n = self._pinned.get(key)
-        if n is None:
-            raise not_pinned(key)
-        if n > 1:
-            self._pinned[key] = n - 1
-            return
-        del self._pinned[key]
-        if key in self._parked:
+        if drop_pin(self._pinned, key) and key in self._parked:
             self._parked.discard(key)
             self._queue[key] = None
             self._queue.move_to_end(key, last=False)

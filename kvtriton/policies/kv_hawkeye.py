@@ -3,13 +3,12 @@ online at the cache's own size, teach a table of request signatures which blocks
 
 from __future__ import annotations
 
-import heapq
-from collections import OrderedDict, deque
+from collections import deque
 
 import numpy as np
 
-from ._heap import HeapPolicy
-from ._util import already_resident, check_capacity, empty, not_pinned, not_resident
+from ._refage import RefAgePolicy
+from ._util import check_capacity
 from .base import register_policy
 
 
@@ -20,7 +19,7 @@ def _number(name, value, allowed, ok):
 
 
 @register_policy("kv_hawkeye", "hawkeye")
-class KVHawkeyePolicy(HeapPolicy):
+class KVHawkeyePolicy(RefAgePolicy):
     """Belady-trained prediction of which blocks are worth keeping, per request signature; O(log n).
 
     **OPTgen.** Time advances one step per request (``on_request``). An occupancy vector holds, for each
@@ -71,14 +70,10 @@ class KVHawkeyePolicy(HeapPolicy):
         if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 0):
             raise ValueError("history must be a non-negative int or None (8 x capacity, at least 131072), "
                              f"got {history!r}")
-        super().__init__()
+        super().__init__(history)
         self.memory = memory
-        self._history_limit = history if history is not None else max(8 * (self._capacity or 0), 1 << 17)
-        self._refs: dict = {}
-        self._history: OrderedDict = OrderedDict()   # evicted key -> its count, oldest first
+        self._fixed_limit = history if history is not None else max(8 * (self._capacity or 0), 1 << 17)
         self._bonus: dict = {}           # key -> priority offset from its last request's signature
-        self._evictions = 0
-        self._high_water = 0
         self._table: dict = {}           # signature -> [friendly, averse] label counts
         # OPTgen state (only with a capacity).
         self._step = 0
@@ -92,9 +87,6 @@ class KVHawkeyePolicy(HeapPolicy):
         self.opt_refs = 0
 
     # -- prediction --------------------------------------------------------------------------------
-    def _cap(self):
-        return self._capacity if self._capacity is not None else max(self._high_water, 1)
-
     def _age(self):
         return self.beta * self._evictions / self._cap()
 
@@ -199,86 +191,3 @@ class KVHawkeyePolicy(HeapPolicy):
                     del last[k]
                     train(prev[1], False)
         self._step = t + 1
-
-    # -- cache -------------------------------------------------------------------------------------
-    def _push(self, key):
-        self._prio[key] = self._age() + self._refs[key] + self._bonus.get(key, 0.0)
-        super()._push(key)
-
-    def unpin_many(self, keys) -> None:
-        # The replay's hot path: priorities set and entries pushed inline.
-        pinned, stamp, prio, refs, heap, bonus = (self._pinned, self._stamp, self._prio, self._refs, self._heap,
-                                                  self._bonus)
-        push = heapq.heappush
-        base = self._age()
-        clock = self._clock
-        try:
-            for key in keys:
-                n = pinned.get(key)
-                if n == 1:
-                    del pinned[key]
-                    p = base + refs[key] + bonus.get(key, 0.0)
-                    prio[key] = p
-                    clock += 1
-                    stamp[key] = clock
-                    push(heap, (p, clock, key))
-                elif n is None:
-                    raise not_pinned(key)
-                else:
-                    pinned[key] = n - 1
-        finally:
-            self._clock = clock
-        if len(heap) > 64 and len(heap) > 2 * len(prio):
-            self._rebuild()
-
-    def insert_and_pin(self, key, size: int = 1) -> None:
-        prio = self._prio
-        if key in prio:
-            raise already_resident(key)
-        self._refs[key] = self._history.pop(key, 0) + 1
-        prio[key] = 0.0
-        self._stamp[key] = 0
-        self._pinned[key] = 1
-        if len(prio) > self._high_water:
-            self._high_water = len(prio)
-
-    def access_and_pin(self, key) -> None:
-        r = self._refs.get(key)
-        if r is None:
-            raise not_resident(key)
-        self._refs[key] = r + 1
-        self._pinned[key] = self._pinned.get(key, 0) + 1
-
-    def _on_insert(self, key, size):
-        self._refs[key] = self._history.pop(key, 0) + 1
-        self._prio[key] = 0.0
-        if len(self._prio) > self._high_water:
-            self._high_water = len(self._prio)
-
-    def _on_access(self, key):
-        self._refs[key] += 1
-
-    def victim(self):
-        heap, stamp, pinned, prio, refs, hist = (self._heap, self._stamp, self._pinned, self._prio,
-                                                 self._refs, self._history)
-        if len(prio) == len(pinned):
-            raise empty()
-        pop = heapq.heappop
-        while True:
-            _, s, key = pop(heap)
-            if stamp.get(key) == s and key not in pinned:
-                del prio[key], stamp[key]
-                self._bonus.pop(key, None)
-                self._evictions += 1
-                hist[key] = refs.pop(key)
-                if len(hist) > self._history_limit:
-                    hist.popitem(last=False)
-                return key
-
-    def _on_forget(self, key):
-        del self._refs[key]
-        self._bonus.pop(key, None)
-
-    def references(self, key) -> int:
-        """Requests that referenced ``key`` (resident or remembered), 0 if unknown."""
-        return self._refs.get(key, self._history.get(key, 0))

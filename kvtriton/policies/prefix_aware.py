@@ -3,18 +3,14 @@ the worth of a reference against age learned online by shadow caches."""
 
 from __future__ import annotations
 
-import heapq
-from collections import OrderedDict
-
-from ._util import already_resident, check_capacity, empty, not_pinned, not_resident
-from ._heap import HeapPolicy
+from ._refage import RefAgePolicy
+from ._util import check_capacity
 from .base import register_policy
 
-DEAD = float("-inf")
 
 
 @register_policy("prefix_aware")
-class PrefixAwarePolicy(HeapPolicy):
+class PrefixAwarePolicy(RefAgePolicy):
     """A policy for prefix caches of LLM serving; O(log n).
 
     A block's priority (lowest evicted first) is ``A + r``: ``A`` is the cache's age, which grows by
@@ -69,19 +65,14 @@ class PrefixAwarePolicy(HeapPolicy):
             raise ValueError(f"half_life must be a positive number of requests, got {half_life!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int (requests between choices), got {every!r}")
-        super().__init__()
+        super().__init__(history)
         adaptive = beta is None and self._capacity is not None
         if beta is None:
             beta = 2.0 if 2.0 in betas or not adaptive else betas[len(betas) // 2]
         self.beta = float(beta)
-        self._history_limit = history
         # Known once and for all when the capacity or the history is given (0: recompute each time).
         self._fixed_limit = (history if history is not None else
                              max(8 * self._capacity, 1 << 17) if self._capacity is not None else 0)
-        self._refs: dict = {}
-        self._history: OrderedDict = OrderedDict()  # evicted key -> its count, oldest first
-        self._evictions = 0
-        self._high_water = 0
         self._dead = None
         # The age is _age0 + beta * (evictions - _ev0) / C: piecewise linear, continuous when beta changes.
         self._age0 = 0.0
@@ -108,11 +99,6 @@ class PrefixAwarePolicy(HeapPolicy):
         self._ev0 = self._evictions
         self.beta = beta
 
-    def _cap(self):
-        if self._capacity is not None:
-            return self._capacity
-        return max(self._high_water, 1)
-
     def on_request(self, keys, num_hit: int, request=None) -> None:
         self._dead = None
         if request is not None and keys:
@@ -133,102 +119,6 @@ class PrefixAwarePolicy(HeapPolicy):
             cur = self.betas.index(self.beta) if self.beta in self.betas else None
             if cur is None or scores[best] > scores[cur]:
                 self._set_beta(self.betas[best])
-
-    def _push(self, key):
-        if key == self._dead:
-            self._prio[key] = DEAD
-        else:
-            self._prio[key] = self._age() + self._refs[key]
-        super()._push(key)
-
-    def unpin_many(self, keys) -> None:
-        # The replay's hot path: priorities set and entries pushed inline.
-        pinned, stamp, prio, refs, heap = self._pinned, self._stamp, self._prio, self._refs, self._heap
-        push = heapq.heappush
-        base = self._age()
-        dead = self._dead
-        clock = self._clock
-        try:
-            for key in keys:
-                n = pinned.get(key)
-                if n == 1:
-                    del pinned[key]
-                    p = DEAD if key == dead else base + refs[key]
-                    prio[key] = p
-                    clock += 1
-                    stamp[key] = clock
-                    push(heap, (p, clock, key))
-                elif n is None:
-                    raise not_pinned(key)
-                else:
-                    pinned[key] = n - 1
-        finally:
-            self._clock = clock
-        if len(heap) > 64 and len(heap) > 2 * len(prio):
-            self._rebuild()
-
-    def insert_and_pin(self, key, size: int = 1) -> None:
-        prio = self._prio
-        if key in prio:
-            raise already_resident(key)
-        self._refs[key] = self._history.pop(key, 0) + 1
-        prio[key] = 0.0
-        self._stamp[key] = 0
-        self._pinned[key] = 1
-        if self._capacity is None and len(prio) > self._high_water:
-            self._high_water = len(prio)
-
-    def access_and_pin(self, key) -> None:
-        r = self._refs.get(key)
-        if r is None:
-            raise not_resident(key)
-        self._refs[key] = r + 1
-        self._pinned[key] = self._pinned.get(key, 0) + 1
-
-    def _on_insert(self, key, size):
-        self._refs[key] = self._history.pop(key, 0) + 1
-        self._prio[key] = 0.0
-        if self._capacity is None and len(self._prio) > self._high_water:
-            self._high_water = len(self._prio)
-
-    def _on_access(self, key):
-        self._refs[key] += 1
-
-    def _drop(self, key, prio):
-        self._evictions += 1
-        hist = self._history
-        hist[key] = self._refs.pop(key)
-        if len(hist) > self._limit():
-            hist.popitem(last=False)
-
-    def _limit(self):
-        if self._history_limit is not None:
-            return self._history_limit
-        return max(8 * self._cap(), 1 << 17)
-
-    def victim(self):
-        # HeapPolicy.victim with _drop inlined: the replay calls this once per miss.
-        heap, stamp, pinned, prio, refs, hist = (self._heap, self._stamp, self._pinned, self._prio,
-                                                 self._refs, self._history)
-        if len(prio) == len(pinned):
-            raise empty()
-        pop = heapq.heappop
-        while True:
-            _, s, key = pop(heap)
-            if stamp.get(key) == s and key not in pinned:
-                del prio[key], stamp[key]
-                self._evictions += 1
-                hist[key] = refs.pop(key)
-                if len(hist) > (self._fixed_limit or self._limit()):
-                    hist.popitem(last=False)
-                return key
-
-    def _on_forget(self, key):
-        del self._refs[key]
-
-    def references(self, key) -> int:
-        """Requests that referenced ``key`` (resident or remembered), 0 if unknown."""
-        return self._refs.get(key, self._history.get(key, 0))
 
 
 class _Shadow:

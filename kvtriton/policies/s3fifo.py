@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ._util import already_resident, check_capacity, check_size, empty, not_pinned, not_resident
+from ._util import already_resident, check_capacity, check_size, drop_pin, empty, not_pinned, not_resident
 from .base import EvictionPolicy, Key, register_policy
 
 
@@ -155,13 +155,8 @@ class S3FIFOPolicy(EvictionPolicy):
         self._pinned[key] = self._pinned.get(key, 0) + 1
 
     def unpin(self, key: Key) -> None:
-        n = self._pinned.get(key)
-        if n is None:
-            raise not_pinned(key)
-        if n > 1:
-            self._pinned[key] = n - 1
+        if not drop_pin(self._pinned, key):
             return
-        del self._pinned[key]
         queue = self._parked.pop(key, None)
         if queue is not None:
             queue[key] = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._util import already_resident, check_capacity, check_size, empty, not_pinned, not_resident
+from ._util import already_resident, check_capacity, check_size, drop_pin, empty, not_pinned, not_resident
 from .base import EvictionPolicy, Key, register_policy
 
 
@@ -102,13 +102,7 @@ class SievePolicy(EvictionPolicy):
         self._pinned[key] = self._pinned.get(key, 0) + 1
 
     def unpin(self, key: Key) -> None:
-        n = self._pinned.get(key)
-        if n is None:
-            raise not_pinned(key)
-        if n > 1:
-            self._pinned[key] = n - 1
-        else:
-            del self._pinned[key]
+        drop_pin(self._pinned, key)
 
     def unpin_many(self, keys) -> None:
         pinned = self._pinned
