@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from kvtriton import GPUMemoryAllocator, PoolExhaustedError, get_spec  # noqa: E402
 from kvtriton.ops import append_kv  # noqa: E402
 from kvtriton.spec import DESIGN_CACHE_BYTES  # noqa: E402
+from kvtriton.workloads import design_cache_tokens as _tokens_for  # noqa: E402
 
 MB = 1 << 20
 DOC = {
@@ -58,11 +59,6 @@ def _pcts_us(ns):
     return {"n": int(a.size), "avg_us": float(a.mean()), "min_us": float(a.min()),
             "p50_us": float(np.percentile(a, 50)), "p95_us": float(np.percentile(a, 95)),
             "p99_us": float(np.percentile(a, 99)), "max_us": float(a.max())}
-
-
-def _tokens_for(preset: str) -> int:
-    """Tokens of a design-document cache of ``preset`` (10 MB VISTA, 5 MB DeepSeek-OCR)."""
-    return max(1, DESIGN_CACHE_BYTES[preset] // get_spec(preset).bytes_per_token)
 
 
 def _stable(stats: dict) -> dict:
@@ -145,6 +141,14 @@ def _threaded(fn, jobs, threads):
     return results, wall
 
 
+def _timed_request(job):
+    """``job = (pool, num_tokens)``: request a cache; return it and the request's nanoseconds."""
+    pool, n = job
+    t0 = time.perf_counter_ns()
+    c = pool.request(num_tokens=n)
+    return c, time.perf_counter_ns() - t0
+
+
 def bench_concurrency(device, threads=16, big=(1_000, 10_000)):
     out = {}
     vista_t, ocr_t = _tokens_for("vista"), _tokens_for("deepseek-ocr")
@@ -158,12 +162,7 @@ def bench_concurrency(device, threads=16, big=(1_000, 10_000)):
             "30 vista + 20 deepseek-ocr": [(pv, vista_t)] * 30 + [(po, ocr_t)] * 20,
         }
         for name, jobs in scenarios.items():
-            def one(job):
-                pool, n = job
-                t0 = time.perf_counter_ns()
-                c = pool.request(num_tokens=n)
-                return c, time.perf_counter_ns() - t0
-            res, wall = _threaded(one, jobs, threads)
+            res, wall = _threaded(_timed_request, jobs, threads)
             for c, _ in res:
                 c.pool.release(c)
             lat = _pcts_us([dt for _, dt in res])
@@ -187,8 +186,7 @@ def bench_concurrency(device, threads=16, big=(1_000, 10_000)):
     for n in big:
         with GPUMemoryAllocator(devices=[device], budget_bytes=(n + 64) * spec.bytes_per_block + 4 * MB) as alloc:
             pool = alloc.create_pool("ocr", spec)
-            res, wall = _threaded(lambda _: (lambda t0: (pool.request(num_tokens=16), time.perf_counter_ns() - t0))(
-                time.perf_counter_ns()), list(range(n)), threads)
+            res, wall = _threaded(_timed_request, [(pool, 16)] * n, threads)
             peak = pool.stats()["live_caches"]
             t0 = time.perf_counter()
             _threaded(lambda c: pool.release(c[0]), res, threads)
@@ -418,7 +416,6 @@ def bench_error_recovery(device, threads=8):
 
         def one(i):
             c = pool.request(num_tokens=tokens, block_hashes=[(i, j) for j in range(per)])
-            c.append(0)
             pool.release(c)
             return True
 
@@ -446,7 +443,8 @@ def bench_error_recovery(device, threads=8):
         except PoolExhaustedError:
             raised = True
         after = _stable(pool.stats())
-        after.pop("exhausted", None), before.pop("exhausted", None)
+        for stats in (before, after):
+            stats.pop("exhausted", None)  # the failed request is counted there, as it should be
         for c in held:
             pool.release(c)
         s = pool.stats()
