@@ -1,8 +1,9 @@
 """Check and time everything on a CUDA machine in one call, within 10 minutes.
 
-Runs, in order (step limits add up to 9 minutes): the GPU correctness tests (``pytest -m gpu`` with the interpreter off), the kernel
-benchmark, the memory-manager benchmark, the design-document benchmark suite and a short device
-replay. Each step has its own time limit; a failed or timed-out step is reported and the rest still run.
+Runs, in order (step limits add up to about 7 minutes): the GPU correctness tests (``pytest -m gpu`` with
+the interpreter off), the kernel benchmark, the device replay at the performance goal's shape, a device
+replay of the head of a Mooncake trace under several policies, the memory-manager benchmark and the
+design-document benchmark suite. Each step has its own time limit; a failed or timed-out step is reported and the rest still run.
 Every step's JSON lands in ``--out`` (default ``gpu_results/``); the summary table is printed last and
 written to ``gpu_check.json``.
 
@@ -32,15 +33,17 @@ def _steps(out: Path, quick: bool):
     q = ["--quick"] if quick else []
     return [
         ("gpu tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                       "tests/test_gpu.py"], None, 120),
+                       "tests/test_gpu.py"], None, 75),
         ("kernel benchmark", [py, "experiments/bench_kernels.py", "--out", str(out / "bench_kernels.json"), *q],
-         out / "bench_kernels.json", 180),
-        ("memory benchmark", [py, "experiments/bench_memory.py", "--device", "cuda",
-                              "--out", str(out / "bench_memory.json")], out / "bench_memory.json", 60),
-        ("design suite", [py, "experiments/bench_suite.py", "--device", "cuda",
-                          "--out", str(out / "bench_suite.json")], out / "bench_suite.json", 100),
+         out / "bench_kernels.json", 120),
         ("device replay", [py, "experiments/bench_replay_device.py", "--device", "cuda",
-                           "--out", str(out / "bench_replay_device.json")], out / "bench_replay_device.json", 80),
+                           "--out", str(out / "bench_replay_device.json")], out / "bench_replay_device.json", 60),
+        ("trace replay", [py, "experiments/bench_trace_device.py", "--device", "cuda",
+                          "--out", str(out / "bench_trace_device.json")], out / "bench_trace_device.json", 75),
+        ("memory benchmark", [py, "experiments/bench_memory.py", "--device", "cuda",
+                              "--out", str(out / "bench_memory.json")], out / "bench_memory.json", 40),
+        ("design suite", [py, "experiments/bench_suite.py", "--device", "cuda",
+                          "--out", str(out / "bench_suite.json")], out / "bench_suite.json", 60),
     ]
 
 
@@ -100,6 +103,17 @@ def main(argv=None) -> int:
         report["kernels"] = [
             {k: r.get(k) for k in ("kernel", "case", "gbps", "frac_copy", "speedup", "meets_target")}
             for r in data.get("results", [])]
+    rep = out / "bench_replay_device.json"
+    if rep.exists():
+        data = json.loads(rep.read_text())
+        report["device_replay"] = {"goal_shape": data.get("goal_shape"), "goal_met": data.get("goal_met"),
+                                    "batch": data.get("batch"), "context": data.get("context"),
+                                    "num_layers": data.get("num_layers"), **data.get("split", {})}
+    trace = out / "bench_trace_device.json"
+    if trace.exists():
+        data = json.loads(trace.read_text())
+        report["trace_replay"] = {k: data.get(k) for k in ("trace", "requests", "num_layers", "capacity_blocks")}
+        report["trace_replay"]["results"] = data.get("results", {})
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print("\n" + "=" * 72)
     print(f"SUMMARY  device: {device}  {versions}")
@@ -112,6 +126,19 @@ def main(argv=None) -> int:
             met = {True: "met", False: "MISSED", None: ""}[r.get("meets_target")]
             print(f"  {str(r['kernel']):<24}{str(r['case']):<28}{r['gbps'] or 0:>9.0f}"
                   f"{(r['frac_copy'] or 0):>9.2f}{(r['speedup'] or 0):>9.2f}  {met}")
+    if report.get("device_replay"):
+        d = report["device_replay"]
+        verdict = ("met" if d.get("goal_met") else "NOT met") if d.get("goal_shape") else "not the goal's shape"
+        print(f"  device replay (batch {d.get('batch')}, {d.get('context')} tokens, {d.get('num_layers')} layers): "
+              f"step {d.get('step_ms_median', 0):.2f} ms, memory management {d.get('memory_frac', 0):.2%} of step "
+              f"time, goal <= 5%: {verdict}")
+    if report.get("trace_replay"):
+        t = report["trace_replay"]
+        print(f"  trace replay ({t['trace']}, first {t['requests']} requests, {t['num_layers']} layers, "
+              f"{t['capacity_blocks']} blocks):")
+        for pol, r in t["results"].items():
+            print(f"    {pol:<14} hit {r['hit_rate']:.4f}  TTFT p50 {r['ttft_s_p50'] * 1e3:8.1f} ms  decode "
+                  f"{r['decode_tokens_per_s']:9.0f} tok/s  memory {r['step_memory_frac']:.1%}")
     return 0 if all(s["status"] == "ok" for s in summary) else 1
 
 

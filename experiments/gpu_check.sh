@@ -9,5 +9,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Mooncake traces carried into .traces/ (the device machine has no ../shared) are used when present.
+if [ -z "${KVTRITON_TRACES:-}" ] && [ -f .traces/conversation_trace.jsonl ]; then export KVTRITON_TRACES="$PWD/.traces"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 PYTHONUNBUFFERED=1 python3 experiments/gpu_check.py --out "$OUT_DIR"
