@@ -132,14 +132,16 @@ def run_checks(dev, small: bool):
         return torch.equal(arena, expect), f"{n} tokens, 1/7 padding"
 
     def gather():
-        arena = _arena(96, 2, dev, h=h, d=d)
+        mb = -(-(3 * ctx // 2) // BS)  # table columns for the longest sequence
+        nb = 4 * mb + 8
+        arena = _arena(nb, 2, dev, h=h, d=d)
         kc, vc = arena[:, 0, 0], arena[:, 0, 1]
         lens = torch.tensor([1, 16, 17, 3 * ctx // 2], dtype=torch.int32, device=dev)
-        tables = torch.randperm(96, device=dev)[:4 * 13].view(4, 13).int()
+        tables = torch.randperm(nb, device=dev)[:4 * mb].view(4, mb).int()
         k, v, cu = ops.gather_kv(kc, vc, tables, lens)
         rk, rv, rcu = ref.gather_kv(kc, vc, tables, lens)
         ok = torch.equal(k, rk) and torch.equal(v, rv) and torch.equal(cu.cpu(), rcu.cpu())
-        ids = torch.randperm(96, device=dev)[:40]
+        ids = torch.randperm(nb, device=dev)[:40]
         blocks = ops.gather_blocks(arena, ids)
         ok_b = torch.equal(blocks, arena[ids])
         target = torch.zeros_like(arena)
@@ -157,11 +159,13 @@ def run_checks(dev, small: bool):
         return torch.equal(arena, expect), "50 of 128 blocks, 3 layers"
 
     def compact():
-        arena = _arena(64, 1, dev, h=h, d=d)
+        mb = -(-(3 * ctx // 2) // BS)
+        nb = 4 * mb + 8
+        arena = _arena(nb, 1, dev, h=h, d=d)
         kc, vc = arena[:, 0, 0], arena[:, 0, 1]
         lens = torch.tensor([5, 16, ctx, 3 * ctx // 2], dtype=torch.int32, device=dev)
-        tables = torch.randperm(64, device=dev)[:4 * 13].view(4, 13).int()
-        keep = torch.rand(4, 13 * BS, device=dev) < 0.4
+        tables = torch.randperm(nb, device=dev)[:4 * mb].view(4, mb).int()
+        keep = torch.rand(4, mb * BS, device=dev) < 0.4
         expect = arena.clone()
         new_ref = ref.compact_tokens(expect[:, 0, 0], expect[:, 0, 1], tables, lens, keep)
         new = ops.compact_tokens(kc, vc, tables, lens, keep)

@@ -4,7 +4,7 @@ Replays the first ``--requests`` requests of a trace through ``kvtriton.replay.r
 policy, ``append_kv`` prefill and ``paged_decode_attention`` decode over every layer) for each policy,
 at one pool size, and reports per policy: block and token hit rate, prefill tokens computed, evictions,
 preemptions, time to first token, decode tokens/s and the split of step time. Arrivals keep the trace's
-order and are compressed in time (``--time-compression``), prompts may be truncated (their hash ids
+times (or are compressed, ``--time-compression``), prompts may be truncated (their hash ids
 stay prefix-consistent) and outputs capped, so one policy takes seconds to a minute on a GPU.
 
     python experiments/bench_trace_device.py --out bench_trace_device.json          # GPU defaults
@@ -61,7 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="running sequences at most (default 64; 8 with --small)")
     ap.add_argument("--capacity-frac", type=float, default=0.25,
                     help="pool size as a fraction of the blocks the replayed prompts touch (distinct)")
-    ap.add_argument("--time-compression", type=float, default=20.0)
+    ap.add_argument("--time-compression", type=float, default=1.0, help="arrivals at arrival_s / this")
+    ap.add_argument("--prefill-s-per-token", type=float, default=1e-4,
+                    help="prefill cost model: seconds per missed prompt token (TTFT only)")
     ap.add_argument("--policies", nargs="+", default=["lru", "arc", "s3fifo", "prefix_aware"])
     ap.add_argument("--out", default=None, help="write the results as JSON here (after every policy)")
     a = ap.parse_args(argv)
@@ -91,7 +93,9 @@ def main(argv=None) -> int:
     capacity = max(int(len(seen) * a.capacity_frac), 4 * spec.blocks_for_tokens(max_input + max_output))
     cfg = DeviceReplayConfig(device=str(dev), max_requests=n, time_compression=a.time_compression,
                              max_input_tokens=max_input, max_output_tokens=max_output, max_batch=a.batch,
-                             record_every=16, seed=0)
+                             prefill_s_per_token=a.prefill_s_per_token, record_every=16, seed=0,
+                             # one model owns the arena: no other pool could take chunks a compaction frees
+                             compaction_threshold=None)
     head = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(dev), "trace": a.trace, "requests": n, "model": model,
             "num_layers": spec.num_layers, "block_size": bs, "max_input_tokens": max_input,
