@@ -35,7 +35,7 @@ def _steps(out: Path, quick: bool):
         ("gpu tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                        "tests/test_gpu.py"], None, 75),
         ("kernel benchmark", [py, "experiments/bench_kernels.py", "--out", str(out / "bench_kernels.json"), *q],
-         out / "bench_kernels.json", 120),
+         out / "bench_kernels.json", 180),
         ("device replay", [py, "experiments/bench_replay_device.py", "--device", "cuda",
                            "--out", str(out / "bench_replay_device.json")], out / "bench_replay_device.json", 60),
         ("trace replay", [py, "experiments/bench_trace_device.py", "--device", "cuda",
