@@ -76,6 +76,39 @@ class Timer:
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
+    def graph(self, fn, calls: int = 10) -> float | None:
+        """Median milliseconds of one ``fn()`` replayed from a CUDA graph of ``calls`` back-to-back
+        calls: the device time with no host launch cost (how a serving engine that captures its decode
+        step runs it). None off CUDA or when ``fn`` cannot be captured."""
+        if self.device.type != "cuda":
+            return None
+        try:
+            from triton.testing import do_bench
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(calls):
+                    fn()
+            ms = float(do_bench(g.replay, warmup=5, rep=60, return_mode="median")) / calls
+            del g
+            return ms
+        except Exception as e:  # report, do not fail the benchmark
+            print(f"    (CUDA graph capture failed: {type(e).__name__}: {e})", flush=True)
+            return None
+
+
+def _graph_extra(timer, fn, nbytes, copy_gbps) -> dict:
+    ms = timer.graph(fn)
+    if ms is None:
+        return {}
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return {"graph_ms": ms, "graph_gbps": gbps, "graph_frac_copy": gbps / copy_gbps if copy_gbps else None}
+
 
 def _sync(device):
     if device.type == "cuda":
@@ -273,8 +306,15 @@ def bench_attention(dev, timer, copy_gbps, cases, hq, hkv, d):
         nbytes = (2 * total * hkv * d * esz + 2 * q.numel() * esz + tables.numel() * 4 + lens.numel() * 4)
         long_ctx = (batch, ctx) in ((128, 4096), (32, 4096))
         cfg = decode_launch_config(batch, hkv, hq // hkv, d, BS, mb * BS, esz, _device_sms(q.device))
+        graph = _graph_extra(timer, lambda: ops.paged_decode_attention(q, kc, vc, tables, lens), nbytes,
+                             copy_gbps)
+        base_graph = timer.graph(gather_sdpa)
+        if base_graph is not None:
+            graph["baseline_graph_ms"] = base_graph
+            if graph.get("graph_ms"):
+                graph["graph_speedup"] = base_graph / graph["graph_ms"]
         rows.append(_row("paged_decode_attention", f"batch={batch} ctx={ctx}", nbytes, ms, copy_gbps,
-                         "gather_kv+sdpa", base_ms,
+                         "gather_kv+sdpa", base_ms, **graph,
                          target_frac=(0.9 if long_ctx else 0.75) if dev.type == "cuda" else None,
                          target_speedup=3.0 if dev.type == "cuda" else None,
                          sdpa_contiguous_ms=ideal_ms, vs_sdpa_contiguous=ideal_ms / ms, baseline_rel_diff=agree,
@@ -308,7 +348,13 @@ def bench_append(dev, timer, copy_gbps, cases, hkv, d):
 
         base_ms = timer(baseline)
         nbytes = 2 * (2 * n * hkv * d * esz) + n * 8
-        rows.append(_row("append_kv", f"tokens={n}", nbytes, ms, copy_gbps, "index_copy_ (K and V)", base_ms,
+        graph = _graph_extra(timer, lambda: ops.append_kv(k, v, kc, vc, slots), nbytes, copy_gbps)
+        base_graph = timer.graph(baseline)
+        if base_graph is not None:
+            graph["baseline_graph_ms"] = base_graph
+            if graph.get("graph_ms"):
+                graph["graph_speedup"] = base_graph / graph["graph_ms"]
+        rows.append(_row("append_kv", f"tokens={n}", nbytes, ms, copy_gbps, "index_copy_ (K and V)", base_ms, **graph,
                          target_frac=0.6 if (n >= 4096 and dev.type == "cuda") else None,
                          slots="random distinct", layout="kernel: arena view; baseline: contiguous [slots, H, D]"))
         _print_row(rows[-1])
@@ -451,6 +497,12 @@ def print_table(results, copy_gbps, device):
               f"{_fmt(r['frac_copy'], '.2f'):>5} {_fmt(r['target_frac'], '.2f'):>6} {r['baseline'][:28]:<28} "
               f"{_fmt(r['baseline_ms'], '.4f'):>9} {_fmt(r['speedup'], '.2f'):>7} "
               f"{_fmt(r['target_speedup'], '.1f'):>6} {ok:>3}")
+        if r["extra"].get("graph_ms"):
+            e = r["extra"]
+            print(f"{'':<22} {'  from a CUDA graph (no launch cost)':<32} {_fmt(e['graph_ms'], '.4f'):>9} "
+                  f"{_fmt(e['graph_gbps'], '.1f'):>8} {_fmt(e['graph_frac_copy'], '.2f'):>5} {'':>6} "
+                  f"{'baseline from a CUDA graph':<28} {_fmt(e.get('baseline_graph_ms'), '.4f'):>9} "
+                  f"{_fmt(e.get('graph_speedup'), '.2f'):>7}")
         if r["kernel"] == "paged_decode_attention" and "sdpa_contiguous_ms" in r["extra"]:
             e = r["extra"]
             print(f"{'':<22} {'  vs SDPA on contiguous K/V':<32} {'':>9} {'':>8} {'':>5} {'':>6} "

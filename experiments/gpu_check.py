@@ -1,7 +1,7 @@
 """Check and time everything on a CUDA machine in one call, within 10 minutes.
 
-Runs, in order (step limits add up to about 7 minutes): the GPU correctness tests (``pytest -m gpu`` with
-the interpreter off), the kernel benchmark, the device replay at the performance goal's shape, a device
+Runs, in order (step limits add up to about 8 minutes): the GPU correctness tests (``pytest -m gpu`` with
+the interpreter off), the kernel benchmark, a launch-cost and split-KV profile, the device replay at the performance goal's shape, a device
 replay of the head of a Mooncake trace under several policies, the memory-manager benchmark and the
 design-document benchmark suite. Each step has its own time limit; a failed or timed-out step is reported and the rest still run.
 Every step's JSON lands in ``--out`` (default ``gpu_results/``); the summary table is printed last and
@@ -36,6 +36,8 @@ def _steps(out: Path, quick: bool):
                        "tests/test_gpu.py"], None, 75),
         ("kernel benchmark", [py, "experiments/bench_kernels.py", "--out", str(out / "bench_kernels.json"), *q],
          out / "bench_kernels.json", 180),
+        ("launch profile", [py, "experiments/profile_ops.py", "--out", str(out / "profile_ops.json")],
+         out / "profile_ops.json", 60),
         ("device replay", [py, "experiments/bench_replay_device.py", "--device", "cuda",
                            "--out", str(out / "bench_replay_device.json")], out / "bench_replay_device.json", 60),
         ("trace replay", [py, "experiments/bench_trace_device.py", "--device", "cuda",

@@ -19,7 +19,8 @@ Stable API (other op modules import these):
 - ``values_checkable(*tensors)`` -> bool
 - ``check_range(name, t, low, high)``: ``low <= t < high`` (IndexError), when ``values_checkable``.
 - ``check_block_tables(block_tables, seq_lens, *, block_size, num_blocks, device)``
-- ``custom_op(name, *, mutates_args)``: ``torch.library.custom_op`` in the ``kvtriton`` namespace.
+- ``custom_op(name, *, mutates_args)``: ``torch.library.custom_op`` in the ``kvtriton`` namespace, as a
+  ``KVOp`` (eager CUDA calls skip the dispatcher).
 - ``block_layout(shape, *strides)``: collapse a per-block layout to ``[rows, cols]`` for the copy kernels.
 - ``device_guard(t)``: context making ``t``'s CUDA device current while a kernel launches.
 - ``next_pow2(n)``
@@ -164,9 +165,35 @@ def check_block_tables(block_tables, seq_lens, *, block_size: int, num_blocks: i
     return batch, max_blocks
 
 
+class KVOp:
+    """A registered ``kvtriton::<name>`` op that eager CUDA calls reach without the dispatcher.
+
+    Calling it with a plain CUDA tensor first, outside ``torch.compile``, runs the implementation
+    directly: the ops are launch-bound at small sizes, and the dispatcher's Python round trip costs
+    more than a kernel launch. Every other call (CPU, fake or meta tensors, tracing, tensor
+    subclasses) goes through ``torch.ops.kvtriton.<name>``, so ``opcheck``, ``torch.compile`` and
+    fake-tensor propagation see the registered op. ``register_fake`` and ``op`` are the registered
+    op's.
+    """
+
+    def __init__(self, op, fn):
+        self.op = op
+        self._fn = fn
+        self.register_fake = op.register_fake
+
+    def __call__(self, *args):
+        first = args[0]
+        if type(first) is torch.Tensor and first.is_cuda and not torch.compiler.is_compiling():
+            return self._fn(*args)
+        return self.op(*args)
+
+
 def custom_op(name: str, *, mutates_args: tuple[str, ...] | str):
-    """``torch.library.custom_op`` registering ``kvtriton::<name>`` for every device."""
-    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)
+    """Decorator: register ``fn`` as ``torch.library.custom_op`` ``kvtriton::<name>`` for every device;
+    returns a :class:`KVOp`."""
+    def wrap(fn):
+        return KVOp(torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(fn), fn)
+    return wrap
 
 
 def block_layout(shape: Sequence[int], *strides: Sequence[int]) -> tuple[int, int, list[int]] | None:
@@ -195,8 +222,12 @@ def block_layout(shape: Sequence[int], *strides: Sequence[int]) -> tuple[int, in
 
 
 def device_guard(t: torch.Tensor):
-    """Make ``t``'s CUDA device current (Triton launches on the current device); no-op elsewhere."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Make ``t``'s CUDA device current (Triton launches on the current device); no-op elsewhere and
+    when it already is."""
+    dev = t.device
+    if dev.type != "cuda" or dev.index is None or dev.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(dev)
 
 
 def next_pow2(n: int) -> int:

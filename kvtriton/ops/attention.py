@@ -438,7 +438,7 @@ def paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, *,
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
-    out, lse, mass = torch.ops.kvtriton.paged_decode_attention(
+    out, lse, mass = _paged_decode_attention_op(
         q, key_cache, value_cache, block_tables, seq_lens, float(scale),
         0 if sliding_window is None else int(sliding_window), bool(return_block_mass),
         0 if num_splits is None else int(num_splits))

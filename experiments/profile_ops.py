@@ -1,0 +1,118 @@
+"""Where the time of a small kernel call goes, and how decode attention's split-KV factor plays out.
+
+On a CUDA device, for ``append_kv`` and ``paged_decode_attention`` at the benchmark's shapes (32 query
+heads, 8 KV heads, head_dim 128, block 16, bf16), prints and writes as JSON:
+
+* host microseconds per call (wall clock over back-to-back calls, then one sync), for: the public op,
+  the registered op through ``torch.ops.kvtriton`` (the dispatcher), and argument validation alone;
+* device time from a CUDA graph of the public op (no launch cost);
+* for attention, the graph time at each forced ``num_splits`` next to the heuristic's choice.
+
+    python experiments/profile_ops.py --out profile_ops.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from bench_kernels import Timer  # noqa: E402
+from kvtriton import ops  # noqa: E402
+from kvtriton.ops import attention as attn_mod  # noqa: E402
+from kvtriton.ops.attention import _device_sms, decode_launch_config  # noqa: E402
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+
+
+def host_us(fn, dev, n=2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize(dev)
+    return host
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_ops needs a CUDA device", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda", torch.cuda.current_device())
+    timer = Timer(dev, smoke=False)
+    out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "append": [], "attention": []}
+    print(f"profile_ops on {out['device']}", flush=True)
+    for n in (256, 4096):
+        nb = max(64, 2 * n // BS)
+        arena = torch.randn(nb, 1, 2, BS, HKV, D, device=dev, dtype=DTYPE)
+        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
+        slots = torch.randperm(nb * BS, device=dev)[:n]
+        k = torch.randn(n, HKV, D, device=dev, dtype=DTYPE)
+        v = torch.randn_like(k)
+        row = {"tokens": n,
+               "public_host_us": host_us(lambda: ops.append_kv(k, v, kc, vc, slots), dev),
+               "dispatcher_host_us": host_us(lambda: torch.ops.kvtriton.append_kv(k, v, kc, vc, slots), dev),
+               "graph_us": timer.graph(lambda: ops.append_kv(k, v, kc, vc, slots)) * 1e3}
+        out["append"].append(row)
+        print(f"append_kv {n:>6} tokens: host per call public {row['public_host_us']:.1f} us, via dispatcher "
+              f"{row['dispatcher_host_us']:.1f} us; device (graph) {row['graph_us']:.1f} us", flush=True)
+    for batch, ctx in ((32, 1024), (32, 4096), (128, 4096), (8, 32768)):
+        mb = -(-ctx // BS)
+        nb = batch * mb
+        arena = torch.randn(nb, 1, 2, BS, HKV, D, device=dev, dtype=DTYPE)
+        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
+        tables = torch.randperm(nb, device=dev).view(batch, mb).int()
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+        q = torch.randn(batch, HQ, D, device=dev, dtype=DTYPE)
+        esz = 2
+        nbytes = 2 * batch * ctx * HKV * D * esz
+        cfg = decode_launch_config(batch, HKV, HQ // HKV, D, BS, mb * BS, esz, _device_sms(dev))
+        row = {"batch": batch, "ctx": ctx, "heuristic_splits": cfg.num_splits,
+               "public_host_us": host_us(lambda: ops.paged_decode_attention(q, kc, vc, tables, lens), dev, 500),
+               "validate_host_us": host_us(lambda: attn_mod._validate(q, kc, vc, tables, lens, None, None, None),
+                                           dev, 2000),
+               "dispatcher_host_us": host_us(lambda: torch.ops.kvtriton.paged_decode_attention(
+                   q, kc, vc, tables, lens, D ** -0.5, 0, False, 0), dev, 500),
+               "splits": {}}
+        for sp in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, cfg.num_splits}):
+            if sp > mb // 2 and sp != 1:
+                continue
+            ms = timer.graph(lambda: ops.paged_decode_attention(q, kc, vc, tables, lens, num_splits=sp))
+            if ms is not None:
+                row["splits"][sp] = {"graph_us": ms * 1e3, "frac_copy_gbps": nbytes / (ms * 1e-3) / 1e9}
+        best = min(row["splits"].items(), key=lambda kv: kv[1]["graph_us"])
+        row["best_splits"] = best[0]
+        out["attention"].append(row)
+        print(f"attention batch={batch} ctx={ctx}: host per call public {row['public_host_us']:.1f} us (validation "
+              f"{row['validate_host_us']:.1f}, via dispatcher {row['dispatcher_host_us']:.1f}); heuristic splits "
+              f"{cfg.num_splits}; graph us by splits: "
+              + ", ".join(f"{sp}: {r['graph_us']:.1f} ({r['frac_copy_gbps']:.0f} GB/s)" for sp, r in row["splits"].items()),
+              flush=True)
+        del arena, kc, vc, tables, lens, q
+        torch.cuda.empty_cache()
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=2))
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
