@@ -47,9 +47,57 @@ def host_us(fn, dev, n=2000) -> float:
     return host
 
 
+def _variants(timer, q, kc, vc, tables, lens, cfg, nbytes, splits_options):
+    """Graph time of other tile sizes, warps and pipeline stages (the heuristic's choice first)."""
+    import dataclasses
+    orig = attn_mod.decode_launch_config
+    rows = []
+    try:
+        for sp in splits_options:
+            for block_n in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3):
+                        v = dataclasses.replace(cfg, num_splits=sp, block_n=block_n, num_warps=warps,
+                                                num_stages=stages)
+                        attn_mod.decode_launch_config = lambda *args, _v=v, **kw: _v
+                        ms = timer.graph(lambda: ops.paged_decode_attention(q, kc, vc, tables, lens))
+                        if ms is not None:
+                            rows.append({"num_splits": sp, "block_n": block_n, "num_warps": warps,
+                                         "num_stages": stages, "graph_us": ms * 1e3,
+                                         "gbps": nbytes / (ms * 1e-3) / 1e9})
+    finally:
+        attn_mod.decode_launch_config = orig
+    rows.sort(key=lambda r: r["graph_us"])
+    print(f"    heuristic {cfg}; fastest variants: " + "; ".join(
+        f"splits {r['num_splits']} block_n {r['block_n']} warps {r['num_warps']} stages {r['num_stages']}: "
+        f"{r['graph_us']:.1f} us" for r in rows[:4]), flush=True)
+    return rows
+
+
+def _cprofile(label, fn, dev, n=300):
+    import cProfile
+    import io
+    import pstats
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize(dev)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize(dev)
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(18)
+    print(f"--- cProfile of {n} eager calls of {label}, by own time:")
+    print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:6000], flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--wide", action="store_true", help="sweep split-KV over more (batch, context) shapes")
+    ap.add_argument("--cprofile", action="store_true", help="also print a cProfile of eager calls")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_ops needs a CUDA device", file=sys.stderr)
@@ -72,9 +120,15 @@ def main(argv=None) -> int:
                "dispatcher_host_us": host_us(lambda: torch.ops.kvtriton.append_kv(k, v, kc, vc, slots), dev),
                "graph_us": timer.graph(lambda: ops.append_kv(k, v, kc, vc, slots)) * 1e3}
         out["append"].append(row)
+        if a.cprofile and n == 256:
+            _cprofile("append_kv (256 tokens)", lambda: ops.append_kv(k, v, kc, vc, slots), dev)
         print(f"append_kv {n:>6} tokens: host per call public {row['public_host_us']:.1f} us, via dispatcher "
               f"{row['dispatcher_host_us']:.1f} us; device (graph) {row['graph_us']:.1f} us", flush=True)
-    for batch, ctx in ((32, 1024), (32, 4096), (128, 4096), (8, 32768)):
+    cases = [(32, 1024), (32, 4096), (128, 4096), (8, 32768)]
+    if a.wide:
+        cases += [(64, 4096), (96, 4096), (192, 4096), (256, 2048), (16, 16384), (64, 1024), (128, 1024),
+                  (4, 32768)]
+    for batch, ctx in cases:
         mb = -(-ctx // BS)
         nb = batch * mb
         arena = torch.randn(nb, 1, 2, BS, HKV, D, device=dev, dtype=DTYPE)
@@ -98,6 +152,12 @@ def main(argv=None) -> int:
             ms = timer.graph(lambda: ops.paged_decode_attention(q, kc, vc, tables, lens, num_splits=sp))
             if ms is not None:
                 row["splits"][sp] = {"graph_us": ms * 1e3, "frac_copy_gbps": nbytes / (ms * 1e-3) / 1e9}
+        if a.wide and (batch, ctx) in ((32, 1024), (128, 4096), (32, 4096)):
+            row["variants"] = _variants(timer, q, kc, vc, tables, lens, cfg, nbytes, splits_options=sorted(
+                {cfg.num_splits, int(max(row["splits"], key=lambda k: -row["splits"][k]["graph_us"]))}))
+        if a.cprofile and (batch, ctx) == (32, 1024):
+            _cprofile("paged_decode_attention (32, 1024)",
+                      lambda: ops.paged_decode_attention(q, kc, vc, tables, lens), dev)
         best = min(row["splits"].items(), key=lambda kv: kv[1]["graph_us"])
         row["best_splits"] = best[0]
         out["attention"].append(row)
