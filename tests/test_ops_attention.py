@@ -171,8 +171,12 @@ def test_large_block_ids_use_int64_offsets():
 
 def test_launch_config_heuristics():
     c = attn.decode_launch_config
-    # H100-like: 132 SMs. Large batches are not split; small batches with long contexts are.
-    assert c(128, 8, 4, 128, 16, 4096, 2, 132).num_splits == 1
+    # H100-like: 132 SMs (528 resident programs). A batch that fills the SMs once is not split; more
+    # than one wave is cut into up to 3 splits of >= 12 tiles; small batches with long contexts are split.
+    assert c(64, 8, 4, 128, 16, 4096, 2, 132).num_splits == 1
+    assert c(128, 8, 4, 128, 16, 4096, 2, 132).num_splits == 3
+    assert c(128, 8, 4, 128, 16, 1024, 2, 132).num_splits == 1        # 16 tiles: too short to split
+    assert c(256, 8, 4, 128, 16, 2048, 2, 132).num_splits == 2
     assert c(8, 8, 4, 128, 16, 32768, 2, 132).num_splits > 4
     assert c(32, 8, 4, 128, 16, 4096, 2, 132).num_splits >= 2
     assert c(1, 8, 4, 128, 16, 64, 2, 132).num_splits == 1          # nothing to split

@@ -80,9 +80,14 @@ def decode_launch_config(batch: int, num_kv_heads: int, group: int, head_dim: in
     * ``num_stages``: 2 (K/V of the next tile in flight while this one is used) when two stages of K
       and V fit in 160 KiB of shared memory, else 1.
     * ``num_splits``: with ``P = batch * num_kv_heads`` programs and ``slots = num_sms * ctas_per_sm``
-      resident ones, a batch that already fills the slots is not split; otherwise the context is cut
-      into ``floor(slots / P)`` splits, so that all programs are resident in a single wave (no tail)
-      and each streams one long contiguous run; every split keeps at least 2 tiles.
+      resident ones, a batch that does not fill the slots has its context cut into ``floor(slots / P)``
+      splits, so that all programs are resident in a single wave (no tail) and each streams one long
+      contiguous run; every split keeps at least 2 tiles. A batch of more than one wave (``P > slots``)
+      is cut into up to 3 splits of at least 12 tiles each: shorter programs even out the last,
+      partial wave. Measured on an H200 (bf16, 32/8 heads, head_dim 128, block 16, graph-replayed):
+      unsplit, batch 96 x 4096 tokens ran at 80% of the best split count's speed and batch 128 x 4096
+      at 92%; 3 splits were within 1.5% of the best at batch 96, 128, 192 x 4096, and a context of 1024
+      tokens (16 tiles) was best unsplit.
     """
     tile_elems = 8192 if elem_size <= 2 else 4096
     block_n = max(16, min(256, tile_elems // head_dim))
@@ -97,8 +102,10 @@ def decode_launch_config(batch: int, num_kv_heads: int, group: int, head_dim: in
         slots = max(1, num_sms) * ctas_per_sm
         programs = max(1, batch * num_kv_heads)
         tiles = max(1, -(-max_context // block_n))
-        num_splits = 1 if programs >= slots else slots // programs
-        num_splits = max(1, min(num_splits, tiles // 2, _MAX_SPLITS))
+        if programs > slots:
+            num_splits = max(1, min(3, tiles // 12))
+        else:
+            num_splits = max(1, min(slots // programs, tiles // 2, _MAX_SPLITS))
     return DecodeLaunchConfig(int(num_splits), block_n, group_pad, num_warps, num_stages)
 
 
