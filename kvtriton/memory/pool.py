@@ -298,13 +298,14 @@ class CachePool:
             if hashes:
                 # After _make_room: a request that fails leaves the policy untouched too.
                 policy.on_request(hashes, len(hits), request)
+            hash_of = self._hash
             for b in hits:
-                h = self._hash[b]
-                policy.access(h)
                 if ref[b] == 0:
-                    policy.pin(h)
+                    policy.access_and_pin(hash_of[b])
                     self._n_idle -= 1
                     self._n_used += 1
+                else:
+                    policy.access(hash_of[b])
                 ref[b] += 1
             self._evict_to(need)
             new = self._pop_free(need)
@@ -347,18 +348,22 @@ class CachePool:
                 pass
 
     def _unref_blocks(self, blocks: list[int]) -> None:
-        ref, hashes, policy, free = self._ref, self._hash, self.policy, self._free
+        ref, hashes, free = self._ref, self._hash, self._free
+        unpin = []  # the hashes that become evictable, in release order (last block first)
+        n_free = len(free)
         for b in reversed(blocks):
             r = ref[b] - 1
             ref[b] = r
             if r == 0:
-                self._n_used -= 1
                 h = hashes[b]
                 if h is None:
                     free.append(b)
                 else:
-                    policy.unpin(h)
-                    self._n_idle += 1
+                    unpin.append(h)
+        self._n_used -= len(unpin) + len(free) - n_free
+        if unpin:
+            self.policy.unpin_many(unpin)
+            self._n_idle += len(unpin)
 
     def _own(self, cache: VirtualKVCache) -> None:
         if not isinstance(cache, VirtualKVCache):
@@ -447,8 +452,7 @@ class CachePool:
             return
         self._cached[h] = b
         self._hash[b] = h
-        self.policy.insert(h, 1)
-        self.policy.pin(h)
+        self.policy.insert_and_pin(h, 1)
 
     # ------------------------------------------------------------------ raw block batches
     def allocate_blocks(self, n: int) -> list[int]:

@@ -43,31 +43,30 @@ class ARCPolicy(EvictionPolicy):
         return max(self._high_water, 1)
 
     def _admit(self, key):
-        if key in self._t1 or key in self._t2 or key in self._pinned:
+        t1, t2, pinned = self._t1, self._t2, self._pinned
+        if key in t1 or key in t2 or key in pinned:
             raise already_resident(key)
         b1, b2 = self._b1, self._b2
-        if self._capacity is None:
-            n = len(self) + 1
+        c = self._capacity
+        if c is None:
+            n = len(t1) + len(t2) + len(pinned) + 1
             if n > self._high_water:
                 self._high_water = n
-        c = self.c
+            c = max(self._high_water, 1)
         if key in b1:
             self.p = min(float(c), self.p + max(1.0, len(b2) / len(b1)))
             del b1[key]
-            where = 2
-        elif key in b2:
+            return 2
+        if key in b2:
             self.p = max(0.0, self.p - max(1.0, len(b1) / len(b2)))
             del b2[key]
-            where = 2
-        else:
-            where = 1
-            # Case IV of the paper: keep the directory within c (L1) and 2c (L1 + L2).
-            n_t1 = len(self._t1) + self._pinned_t1
-            if n_t1 + len(b1) >= c and b1:
-                b1.popitem(last=False)
-            if len(self) + len(b1) + len(b2) >= 2 * c and b2:
-                b2.popitem(last=False)
-        return where
+            return 2
+        # Case IV of the paper: keep the directory within c (L1) and 2c (L1 + L2).
+        if b1 and len(t1) + self._pinned_t1 + len(b1) >= c:
+            b1.popitem(last=False)
+        if b2 and len(t1) + len(t2) + len(pinned) + len(b1) + len(b2) >= 2 * c:
+            b2.popitem(last=False)
+        return 1
 
     def insert(self, key: Key, size: int = 1) -> None:
         check_size(size)
