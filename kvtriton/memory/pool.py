@@ -864,16 +864,27 @@ class CachePool:
         held and ``request`` latency percentiles (microseconds)."""
         with self.lock:
             bs = self.block_size
-            filled: dict[int, int] = {}
+            # A block's fill is the most tokens any cache holding it has in it: the blocks before a
+            # cache's last written one are full, the last may be partial, reserved ones past it hold 0.
+            full: set[int] = set()
+            partial: dict[int, int] = {}
             tokens = 0
             for c in self._caches.values():
-                tokens += c._seq_len
-                for i, b in enumerate(c._blocks):
-                    f = min(bs, c._seq_len - i * bs)
-                    if f > filled.get(b, 0):
-                        filled[b] = f
-            held_slots = len(filled) * bs
-            internal = ratio(held_slots - sum(filled.values()), held_slots)
+                n = c._seq_len
+                tokens += n
+                k = -(-n // bs)
+                if not k:
+                    continue
+                blocks = c._blocks
+                full.update(blocks[:k - 1])
+                b, f = blocks[k - 1], n - (k - 1) * bs
+                if f == bs:
+                    full.add(b)
+                elif f > partial.get(b, 0):
+                    partial[b] = f
+            part = [f for b, f in partial.items() if b not in full]
+            held_slots = (len(full) + len(part)) * bs
+            internal = ratio(held_slots - len(full) * bs - sum(part), held_slots)
             cap, used, idle, free = self._capacity, self._n_used, self._n_idle, len(self._free)
             held_bytes = self._chunks_held * self.arena.chunk_bytes
             out = {
