@@ -66,6 +66,8 @@ def main(argv=None) -> int:
                     help="prefill cost model: seconds per missed prompt token (TTFT only)")
     ap.add_argument("--policies", nargs="+", default=["lru", "arc", "s3fifo", "prefix_aware"])
     ap.add_argument("--out", default=None, help="write the results as JSON here (after every policy)")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
+                    help="a progress bar per policy (default: when stderr is a terminal)")
     a = ap.parse_args(argv)
 
     small = a.small
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
           flush=True)
     for pol in a.policies:
         t0 = time.perf_counter()
-        res = replay_device(reqs, spec, pol, capacity_blocks=capacity, config=cfg, progress=False)
+        res = replay_device(reqs, spec, pol, capacity_blocks=capacity, config=cfg, progress=a.progress)
         s = res.summary
         row = {k: s.get(k) for k in KEYS}
         row["elapsed_s"] = time.perf_counter() - t0
