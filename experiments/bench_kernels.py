@@ -268,18 +268,26 @@ def copy_bandwidth(dev, timer, nbytes):
     return 2 * nbytes / (ms * 1e-3) / 1e9, ms
 
 
+def attention_case(dev, batch, ctx, hq=HQ, hkv=HKV, d=D):
+    """One decode-attention problem: ``(arena, key_cache, value_cache, block_tables, seq_lens, q)``.
+
+    One layer of a block-interleaved arena (K and V of a block side by side, block stride 2x), every
+    sequence ``ctx`` tokens long, block tables a random permutation of the blocks."""
+    mb = -(-ctx // BS)
+    nb = batch * mb
+    arena = torch.randn(nb, 1, 2, BS, hkv, d, device=dev, dtype=DTYPE)
+    tables = torch.randperm(nb, device=dev).view(batch, mb).int()
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, hq, d, device=dev, dtype=DTYPE)
+    return arena, arena[:, 0, 0], arena[:, 0, 1], tables, lens, q
+
+
 def bench_attention(dev, timer, copy_gbps, cases, hq, hkv, d):
     rows = []
     esz = torch.empty((), dtype=DTYPE).element_size()
     for batch, ctx in cases:
         mb = -(-ctx // BS)
-        nb = batch * mb
-        # One layer of a block-interleaved arena: K and V of a block side by side (block stride 2x).
-        arena = torch.randn(nb, 1, 2, BS, hkv, d, device=dev, dtype=DTYPE)
-        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
-        tables = torch.randperm(nb, device=dev).view(batch, mb).int()
-        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(batch, hq, d, device=dev, dtype=DTYPE)
+        arena, kc, vc, tables, lens, q = attention_case(dev, batch, ctx, hq, hkv, d)
         ms = timer(lambda: ops.paged_decode_attention(q, kc, vc, tables, lens))
         # GQA for SDPA without copies: the group's query heads become the query length (decode has no
         # causal mask), so the fused kernels (flash / efficient) apply and K/V are read once per group.

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from bench_kernels import Timer  # noqa: E402
+from bench_kernels import Timer, attention_case  # noqa: E402
 from kvtriton import ops  # noqa: E402
 from kvtriton.ops import attention as attn_mod  # noqa: E402
 from kvtriton.ops.attention import _device_sms, decode_launch_config  # noqa: E402
@@ -130,12 +130,7 @@ def main(argv=None) -> int:
                   (4, 32768)]
     for batch, ctx in cases:
         mb = -(-ctx // BS)
-        nb = batch * mb
-        arena = torch.randn(nb, 1, 2, BS, HKV, D, device=dev, dtype=DTYPE)
-        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
-        tables = torch.randperm(nb, device=dev).view(batch, mb).int()
-        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(batch, HQ, D, device=dev, dtype=DTYPE)
+        arena, kc, vc, tables, lens, q = attention_case(dev, batch, ctx)
         esz = 2
         nbytes = 2 * batch * ctx * HKV * D * esz
         cfg = decode_launch_config(batch, HKV, HQ // HKV, D, BS, mb * BS, esz, _device_sms(dev))
