@@ -19,7 +19,9 @@ session gets a follow-up at all), and the classic policies.
 
 On the conversation trace at 10,000 blocks: the hindsight turn-and-age table reaches 0.2272 to 0.2280,
 +2.1% to +2.5% over ARC (0.2225), under ``prefix_aware``'s 0.2360; told which sessions continue, the
-same structure reaches 0.3504 (+57%). The +15% target is 0.2559.
+same structure reaches 0.3504 (+57%). The +15% target is 0.2559. With ``--classifier`` (scikit-learn),
+a gradient-boosted classifier fitted on the trace itself predicts a follow-up turn with ROC AUC 0.61
+from the turn alone and 0.68 from everything a request carries.
 """
 
 from __future__ import annotations
@@ -198,12 +200,43 @@ class SessionStatePolicy(EvictionPolicy):
         return len(self._where)
 
 
+def classifier_auc(requests, parent, depth, gap) -> dict | None:
+    """ROC AUC of a gradient-boosted classifier that predicts, from what is known when a request
+    arrives, whether it will get a follow-up turn: 5-fold cross-validation on the trace itself (so
+    trained with hindsight, on the same distribution). Needs scikit-learn; None without it."""
+    try:
+        import numpy as np
+        from sklearn.ensemble import HistGradientBoostingClassifier
+        from sklearn.metrics import roc_auc_score
+        from sklearn.model_selection import cross_val_predict
+    except ImportError:
+        return None
+    rows, y = [], []
+    for i, r in enumerate(requests):
+        p = parent[i]
+        since = r.arrival_s - requests[p].arrival_s if p >= 0 else -1.0
+        new_tokens = r.input_length - requests[p].input_length - requests[p].output_length if p >= 0 else -1
+        rows.append([depth[i], r.input_length, r.output_length, since, new_tokens, len(r.hash_ids),
+                     r.input_length % r.block_tokens])
+        y.append(gap[i] < math.inf)
+    x, y = np.array(rows, dtype=float), np.array(y)
+    out = {}
+    for name, cols in (("turn", [0]), ("turn + time since the previous turn", [0, 3]),
+                       ("turn, lengths, time since the previous turn, new tokens, blocks", list(range(7)))):
+        pred = cross_val_predict(HistGradientBoostingClassifier(max_iter=200, random_state=0), x[:, cols], y,
+                                 cv=5, method="predict_proba")[:, 1]
+        out[name] = float(roc_auc_score(y, pred))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--traces", default=DEFAULT_TRACES)
     ap.add_argument("--trace", default="conversation_trace")
     ap.add_argument("--capacities", type=int, nargs="+", default=[10_000])
     ap.add_argument("--requests", type=int, default=None, help="only the first N requests")
+    ap.add_argument("--classifier", action="store_true",
+                    help="also fit a follow-up classifier with hindsight (needs scikit-learn)")
     a = ap.parse_args(argv)
     path = Path(a.traces) / f"{a.trace}.jsonl"
     if not path.exists():
@@ -213,6 +246,14 @@ def main(argv=None) -> int:
     parent, depth, gap = sessions(reqs)
     n_follow = sum(g < math.inf for g in gap)
     print(f"{a.trace}: {len(reqs)} requests, {n_follow} ({n_follow / len(reqs):.1%}) get a follow-up turn")
+    if a.classifier:
+        aucs = classifier_auc(reqs, parent, depth, gap)
+        if aucs is None:
+            print("--classifier needs scikit-learn (pip install scikit-learn)")
+        else:
+            print("predicting a follow-up turn, gradient boosting with 5-fold cross-validation, ROC AUC:")
+            for name, auc in aucs.items():
+                print(f"  {name:<66} {auc:.3f}")
     table = return_table(reqs, depth, gap)
     print("P(follow-up still to come | turn bucket, seconds since the last turn), from the whole trace:")
     print("turn   " + " ".join(f"{int(x):>5}" for x in AGES[:-1]))
