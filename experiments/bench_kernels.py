@@ -335,16 +335,22 @@ def bench_attention(dev, timer, copy_gbps, cases, hq, hkv, d):
     return rows
 
 
+def append_case(dev, n, hkv=HKV, d=D):
+    """One append problem: ``(arena, key_cache, value_cache, slot_mapping, key, value)`` with ``n`` new
+    tokens scattered to random distinct slots of an arena twice their size (at least 64 blocks)."""
+    nb = max(64, 2 * n // BS)
+    arena = torch.randn(nb, 1, 2, BS, hkv, d, device=dev, dtype=DTYPE)
+    slots = torch.randperm(nb * BS, device=dev)[:n]
+    k = torch.randn(n, hkv, d, device=dev, dtype=DTYPE)
+    return arena, arena[:, 0, 0], arena[:, 0, 1], slots, k, torch.randn_like(k)
+
+
 def bench_append(dev, timer, copy_gbps, cases, hkv, d):
     rows = []
     esz = torch.empty((), dtype=DTYPE).element_size()
     for n in cases:
         nb = max(64, 2 * n // BS)
-        arena = torch.randn(nb, 1, 2, BS, hkv, d, device=dev, dtype=DTYPE)
-        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
-        slots = torch.randperm(nb * BS, device=dev)[:n]
-        k = torch.randn(n, hkv, d, device=dev, dtype=DTYPE)
-        v = torch.randn_like(k)
+        arena, kc, vc, slots, k, v = append_case(dev, n, hkv, d)
         ms = timer(lambda: ops.append_kv(k, v, kc, vc, slots))
         # index_copy_ needs a per-slot dimension: contiguous K and V caches [num_slots, H, D].
         kc_flat = torch.empty(nb * BS, hkv, d, device=dev, dtype=DTYPE)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from bench_kernels import Timer, attention_case  # noqa: E402
+from bench_kernels import Timer, append_case, attention_case  # noqa: E402
 from kvtriton import ops  # noqa: E402
 from kvtriton.ops import attention as attn_mod  # noqa: E402
 from kvtriton.ops.attention import _device_sms, decode_launch_config  # noqa: E402
@@ -109,12 +109,7 @@ def main(argv=None) -> int:
            "append": [], "attention": []}
     print(f"profile_ops on {out['device']}", flush=True)
     for n in (256, 4096):
-        nb = max(64, 2 * n // BS)
-        arena = torch.randn(nb, 1, 2, BS, HKV, D, device=dev, dtype=DTYPE)
-        kc, vc = arena[:, 0, 0], arena[:, 0, 1]
-        slots = torch.randperm(nb * BS, device=dev)[:n]
-        k = torch.randn(n, HKV, D, device=dev, dtype=DTYPE)
-        v = torch.randn_like(k)
+        arena, kc, vc, slots, k, v = append_case(dev, n)
         row = {"tokens": n,
                "public_host_us": host_us(lambda: ops.append_kv(k, v, kc, vc, slots), dev),
                "dispatcher_host_us": host_us(lambda: torch.ops.kvtriton.append_kv(k, v, kc, vc, slots), dev),
