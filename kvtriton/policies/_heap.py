@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 
-from ._util import already_resident, check_size, drop_pin, empty, not_pinned, not_resident
+from ._util import already_resident, check_size, empty, not_pinned, not_resident
 from .base import EvictionPolicy, Key
 
 
@@ -111,8 +111,7 @@ class HeapPolicy(EvictionPolicy):
         self._pinned[key] = self._pinned.get(key, 0) + 1
 
     def unpin(self, key: Key) -> None:
-        if drop_pin(self._pinned, key):
-            self._push(key)
+        self.unpin_many((key,))
 
     def unpin_many(self, keys) -> None:
         # The replay's hot path: _push inlined.

@@ -18,19 +18,6 @@ def check_size(size):
     return size
 
 
-def drop_pin(pinned: dict, key) -> bool:
-    """Take one pin off ``key`` in the ``pinned`` counts; True when that was its last pin (the key is
-    evictable again). ValueError when ``key`` is not pinned."""
-    n = pinned.get(key)
-    if n is None:
-        raise not_pinned(key)
-    if n > 1:
-        pinned[key] = n - 1
-        return False
-    del pinned[key]
-    return True
-
-
 def not_resident(key):
     return KeyError(f"key {key!r} is not resident")
 

@@ -150,18 +150,7 @@ class ARCPolicy(EvictionPolicy):
             raise not_resident(key)
 
     def unpin(self, key: Key) -> None:
-        entry = self._pinned.get(key)
-        if entry is None:
-            raise not_pinned(key)
-        if entry[0] > 1:
-            entry[0] -= 1
-            return
-        del self._pinned[key]
-        if entry[1] == 1:
-            self._pinned_t1 -= 1
-            self._t1[key] = None
-        else:
-            self._t2[key] = None
+        self.unpin_many((key,))
 
     def unpin_many(self, keys) -> None:
         pinned, t1, t2 = self._pinned, self._t1, self._t2

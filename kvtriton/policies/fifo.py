@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ._util import already_resident, check_capacity, check_size, drop_pin, empty, not_pinned, not_resident
+from ._util import already_resident, check_capacity, check_size, empty, not_pinned, not_resident
 from .base import EvictionPolicy, Key, register_policy
 
 
@@ -68,10 +68,7 @@ class FIFOPolicy(EvictionPolicy):
             raise not_resident(key)
 
     def unpin(self, key: Key) -> None:
-        if drop_pin(self._pinned, key) and key in self._parked:
-            self._parked.discard(key)
-            self._queue[key] = None
-            self._queue.move_to_end(key, last=False)
+        self.unpin_many((key,))
 
     def unpin_many(self, keys) -> None:
         pinned, parked, queue = self._pinned, self._parked, self._queue
@@ -88,14 +85,7 @@ class FIFOPolicy(EvictionPolicy):
             else:
                 pinned[key] = n - 1
 
-    def access_and_pin(self, key: Key) -> None:
-        n = self._pinned.get(key)
-        if n is not None:
-            self._pinned[key] = n + 1
-        elif key in self._queue:
-            self._pinned[key] = 1
-        else:
-            raise not_resident(key)
+    access_and_pin = pin  # a hit does not move a key in FIFO order
 
     def __contains__(self, key: Key) -> bool:
         return key in self._queue or key in self._parked

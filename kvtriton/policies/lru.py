@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ._util import already_resident, check_capacity, check_size, drop_pin, empty, not_pinned, not_resident
+from ._util import already_resident, check_capacity, check_size, empty, not_pinned, not_resident
 from .base import EvictionPolicy, Key, register_policy
 
 
@@ -71,8 +71,7 @@ class LRUPolicy(EvictionPolicy):
             raise not_resident(key)
 
     def unpin(self, key: Key) -> None:
-        if drop_pin(self._pinned, key):
-            self._lru[key] = None
+        self.unpin_many((key,))
 
     def unpin_many(self, keys) -> None:
         pinned, lru = self._pinned, self._lru

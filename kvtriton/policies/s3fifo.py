@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ._util import already_resident, check_capacity, check_size, drop_pin, empty, not_pinned, not_resident
+from ._util import already_resident, check_capacity, check_size, empty, not_pinned, not_resident
 from .base import EvictionPolicy, Key, register_policy
 
 
@@ -155,12 +155,7 @@ class S3FIFOPolicy(EvictionPolicy):
         self._pinned[key] = self._pinned.get(key, 0) + 1
 
     def unpin(self, key: Key) -> None:
-        if not drop_pin(self._pinned, key):
-            return
-        queue = self._parked.pop(key, None)
-        if queue is not None:
-            queue[key] = None
-            queue.move_to_end(key, last=False)
+        self.unpin_many((key,))
 
     def unpin_many(self, keys) -> None:
         pinned, parked = self._pinned, self._parked

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._util import already_resident, check_capacity, check_size, drop_pin, empty, not_pinned, not_resident
+from ._util import already_resident, check_capacity, check_size, empty, not_pinned, not_resident
 from .base import EvictionPolicy, Key, register_policy
 
 
@@ -102,7 +102,7 @@ class SievePolicy(EvictionPolicy):
         self._pinned[key] = self._pinned.get(key, 0) + 1
 
     def unpin(self, key: Key) -> None:
-        drop_pin(self._pinned, key)
+        self.unpin_many((key,))
 
     def unpin_many(self, keys) -> None:
         pinned = self._pinned
