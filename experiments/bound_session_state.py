@@ -133,11 +133,7 @@ class SessionStatePolicy(EvictionPolicy):
 
     def access_and_pin(self, key):
         self._owner[key] = self._cur
-        if key in self._pins:
-            self._pins[key] += 1
-        else:
-            self._take(key)
-            self._pins[key] = 1
+        self.pin(key)
 
     def pin(self, key):
         if key in self._pins:
@@ -268,9 +264,11 @@ def main(argv=None) -> int:
         variants.append((f"turn + age, P(within {horizon} s)", return_table(reqs, depth, gap, horizon)))
     for cap in a.capacities:
         print(f"\ncapacity {cap} blocks: block hit rate")
-        for name in ("lru", "arc", "s3fifo", "sieve", "prefix_aware", "belady"):
-            print(f"  {name:<40} {simulate(reqs, name, cap)['hit_rate']:.4f}")
-        best_classic = max(simulate(reqs, n, cap)["hit_rate"] for n in ("lru", "arc", "s3fifo", "sieve"))
+        known = {name: simulate(reqs, name, cap)["hit_rate"]
+                 for name in ("lru", "arc", "s3fifo", "sieve", "prefix_aware", "belady")}
+        for name, hr in known.items():
+            print(f"  {name:<40} {hr:.4f}")
+        best_classic = max(known[n] for n in ("lru", "arc", "s3fifo", "sieve"))
         for name, tb in variants:
             pol = SessionStatePolicy(reqs, depth, lambda i, age, tb=tb: tb[min(depth[i], MAX_DEPTH)][age_bucket(age)])
             hr = simulate(reqs, pol, cap)["hit_rate"]
