@@ -60,3 +60,29 @@ def test_public_trace(traces_dir):
     assert reqs[0].arrival_s == 0.0 and reqs[0].hash_ids[0] == 0
     assert all(r.num_blocks == -(-r.input_length // 512) for r in reqs)
     assert all(a.arrival_s <= b.arrival_s for a, b in zip(reqs, reqs[1:]))
+
+
+@pytest.mark.parametrize("raw, match", [
+    (b'{"timestamp": Infinity, "input_length": 5, "output_length": 1, "hash_ids": [1]}', "Infinity"),
+    (b'{"timestamp": NaN, "input_length": 5, "output_length": 1, "hash_ids": [1]}', "NaN"),
+    (b'{"timestamp": 1e999, "input_length": 5, "output_length": 1, "hash_ids": [1]}', "timestamp"),
+    (b'{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1], "x": "\xff\xfe"}', "UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    # 10 tokens are one 512-token block, not nine
+    (b'{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1,2,3,4,5,6,7,8,9]}', "needs"),
+    (b'{"timestamp": 0, "input_length": 1025, "output_length": 1, "hash_ids": [1, 2]}', "needs"),
+])
+def test_bad_bytes_and_values_name_file_and_line(tmp_path, raw, match):
+    """Non-finite numbers, invalid UTF-8, deep nesting and lengths that contradict the hash ids are
+    ValueErrors naming the file and line, never a bare UnicodeDecodeError or RecursionError."""
+    p = tmp_path / "t.jsonl"
+    p.write_bytes(("\n".join(GOOD) + "\n").encode() + raw + b"\n")
+    with pytest.raises(ValueError, match=match) as e:
+        load_mooncake(p)
+    assert str(p) in str(e.value) and "line 3" in str(e.value)
+
+
+def test_unknown_workload_parameter_lists_valid_ones():
+    from kvtriton.workloads import make_workload
+    with pytest.raises(ValueError, match="num_requestz.*valid parameters: num_requests"):
+        make_workload("zipf", num_requestz=3)

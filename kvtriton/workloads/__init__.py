@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import inspect
 from pathlib import Path
 
 from .mooncake import load_mooncake
@@ -56,7 +57,13 @@ def make_workload(name: str, **kwargs) -> list[Request]:
     key = str(name).lower().replace("-", "_")
     if key not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; valid workloads: {', '.join(available_workloads())}")
-    return WORKLOADS[key](**kwargs)
+    fn = WORKLOADS[key]
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for workload {key!r}; valid parameters: "
+                         f"{', '.join(params)}")
+    return fn(**kwargs)
 
 
 __all__ = ["Request", "load_mooncake", "zipf_prefix_workload", "multiturn_workload", "design_mix_workload",

@@ -8,6 +8,7 @@ there and pass their path; the project does not ship them.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from .request import Request
@@ -24,46 +25,72 @@ def _int(obj, field, where, minimum):
     return v
 
 
+def _parse_line(raw: bytes, where: str):
+    """One line's JSON object, or ValueError naming ``where``: invalid UTF-8, invalid JSON, non-finite
+    numbers (``Infinity``, ``NaN``) and nesting too deep to parse are all refused."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+
+    def refuse_constant(name):
+        raise ValueError(f"{where}: non-finite number {name} is not allowed")
+
+    try:
+        return json.loads(text, parse_constant=refuse_constant)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to parse") from None
+
+
+def _request(obj, where: str, request_id: int, lineno: int) -> Request:
+    """Check one parsed line's fields and build its ``Request`` (ValueError naming ``where``)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    ts = obj.get("timestamp")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0 <= ts < math.inf:
+        raise ValueError(f"{where}: 'timestamp' must be a finite number of ms >= 0, got {ts!r}")
+    input_length = _int(obj, "input_length", where, 1)
+    output_length = _int(obj, "output_length", where, 0)
+    ids = obj.get("hash_ids")
+    if not isinstance(ids, list) or not ids:
+        raise ValueError(f"{where}: 'hash_ids' must be a non-empty list of ints, got {ids!r}")
+    for h in ids:
+        if isinstance(h, bool) or not isinstance(h, int):
+            raise ValueError(f"{where}: 'hash_ids' must hold ints, found {h!r}")
+    expected = -(-input_length // BLOCK_TOKENS)
+    if len(ids) != expected:
+        raise ValueError(f"{where}: 'hash_ids' has {len(ids)} blocks but 'input_length' {input_length} needs "
+                         f"ceil({input_length} / {BLOCK_TOKENS}) = {expected}")
+    return Request(request_id=request_id, arrival_s=ts / 1000.0, input_length=input_length,
+                   output_length=output_length, hash_ids=tuple(ids), block_tokens=BLOCK_TOKENS,
+                   meta={"line": lineno})
+
+
 def load_mooncake(path, limit: int | None = None) -> list[Request]:
     """Read a Mooncake JSONL trace into ``Request`` records, in file order.
 
-    Each line is an object with ``timestamp`` (ms from the trace start, becomes ``arrival_s`` in
+    Each line is an object with ``timestamp`` (ms from the trace start, finite, becomes ``arrival_s`` in
     seconds), ``input_length`` and ``output_length`` (tokens) and ``hash_ids`` (the prompt's 512-token
-    blocks as prefix-chained hash ids, becomes a tuple). Blank lines are skipped. ``limit``: read at most
-    this many requests. A malformed line raises ValueError naming the file and line, and nothing is
-    returned; a trace with no requests raises ValueError.
+    blocks as prefix-chained hash ids, becomes a tuple; exactly ``ceil(input_length / 512)`` of them).
+    Blank lines are skipped. ``limit``: read at most this many requests. A malformed line (invalid
+    UTF-8 or JSON, a missing, non-finite or out-of-range field, hash ids that contradict the length)
+    raises ValueError naming the file and line, and nothing is returned; a trace with no requests
+    raises ValueError.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     path = os.fspath(path)
     out: list[Request] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(out) >= limit:
                 break
-            if not line.strip():
+            if not raw.strip():
                 continue
             where = f"{path}, line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            ts = obj.get("timestamp")
-            if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not ts >= 0:
-                raise ValueError(f"{where}: 'timestamp' must be a number of ms >= 0, got {ts!r}")
-            input_length = _int(obj, "input_length", where, 1)
-            output_length = _int(obj, "output_length", where, 0)
-            ids = obj.get("hash_ids")
-            if not isinstance(ids, list) or not ids:
-                raise ValueError(f"{where}: 'hash_ids' must be a non-empty list of ints, got {ids!r}")
-            for h in ids:
-                if isinstance(h, bool) or not isinstance(h, int):
-                    raise ValueError(f"{where}: 'hash_ids' must hold ints, found {h!r}")
-            out.append(Request(request_id=len(out), arrival_s=ts / 1000.0, input_length=input_length,
-                               output_length=output_length, hash_ids=tuple(ids), block_tokens=BLOCK_TOKENS,
-                               meta={"line": lineno}))
+            out.append(_request(_parse_line(raw, where), where, len(out), lineno))
     if not out:
         raise ValueError(f"{path}: the trace has no requests")
     return out
