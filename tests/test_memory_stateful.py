@@ -26,7 +26,7 @@ SPECS = {
     "b": ModelSpec(num_layers=1, num_kv_heads=2, head_dim=8, dtype=torch.float32, block_size=4, name="b"),
 }
 # Every online policy of the registry (Belady needs the future access sequence).
-POLICIES = ["lru", "fifo", "lfu", "size_aware_lru", "adaptive", "s3fifo", "sieve"]
+POLICIES = ["lru", "fifo", "lfu", "gdsf", "arc", "s3fifo", "sieve"]
 BASES = [[7] * 40, list(range(40)), [3, 1, 4, 1, 5, 9, 2, 6] * 5]
 
 

@@ -14,9 +14,9 @@ ONLINE = [n for n in available_policies() if n != "belady"]
 
 def test_registry_names_and_aliases():
     names = set(available_policies())
-    assert {"lru", "fifo", "lfu", "size_aware_lru", "adaptive", "s3fifo", "sieve", "belady"} <= names
-    assert canonical_name("GDSF") == "size_aware_lru"
-    assert canonical_name("arc") == "adaptive"
+    assert {"lru", "fifo", "lfu", "gdsf", "arc", "s3fifo", "sieve", "belady"} <= names
+    assert canonical_name("GDSF") == "gdsf" and canonical_name("size_aware_lru") == "gdsf"
+    assert canonical_name("arc") == "arc" and canonical_name("Adaptive") == "arc"
     assert isinstance(make_policy("arc", capacity=8), ARCPolicy)
     with pytest.raises(ValueError, match="valid policies: .*lru"):
         make_policy("mru")

@@ -286,7 +286,7 @@ def test_random_workloads_keep_invariants(data):
     c = cfg(max_batch=data.draw(st.integers(1, 4), label="max_batch"), check_invariants=True,
             compaction_threshold=data.draw(st.sampled_from([None, 0.1])), compaction_check_every=2,
             chunk_bytes=2 * TINY1.bytes_per_block)
-    policy = data.draw(st.sampled_from(["lru", "fifo", "s3fifo", "sieve", "adaptive"]), label="policy")
+    policy = data.draw(st.sampled_from(["lru", "fifo", "s3fifo", "sieve", "arc"]), label="policy")
     res = replay_device(reqs, TINY1, policy, capacity_blocks=cap, config=c)
     check_sane(res, reqs)
 

@@ -111,14 +111,14 @@ def test_miss_ratio_curve_frame_and_workers_agree():
     for col in ("policy", "capacity_blocks", "hit_rate", "token_hit_rate", "miss_ratio", "evictions", "hits",
                 "references", "seconds"):
         assert col in one.columns
-    assert list(one["policy"]) == ["lru", "lru", "adaptive", "adaptive", "belady", "belady"]
+    assert list(one["policy"]) == ["lru", "lru", "arc", "arc", "belady", "belady"]
     assert list(one["capacity_blocks"]) == [8, 32] * 3
     assert one.drop(columns="seconds").equals(two.drop(columns="seconds"))
     assert (one["miss_ratio"] == 1 - one["hit_rate"]).all()
     by = one.set_index(["policy", "capacity_blocks"])["hits"]
     for cap in (8, 32):
         assert by["belady", cap] >= by["lru", cap]
-        assert by["belady", cap] >= by["adaptive", cap]
+        assert by["belady", cap] >= by["arc", cap]
 
 
 def test_reference_points_on_the_conversation_trace(traces_dir):
@@ -136,5 +136,5 @@ def test_prefix_aware_beats_the_classic_policies_at_10k_blocks(traces_dir):
     from kvtriton.workloads.mooncake import load_mooncake
 
     trace = load_mooncake(traces_dir / "conversation_trace.jsonl")
-    best = max(simulate(trace, name, 10_000)["hit_rate"] for name in ("lru", "adaptive", "s3fifo", "sieve"))
+    best = max(simulate(trace, name, 10_000)["hit_rate"] for name in ("lru", "arc", "s3fifo", "sieve"))
     assert simulate(trace, "prefix_aware", 10_000)["hit_rate"] > 1.04 * best

@@ -1,10 +1,12 @@
 """Eviction policies, one small class per file behind one interface, registered by name.
 
 ``make_policy("lru")``; ``available_policies()`` lists the names (``include_aliases=True`` adds
-``gdsf`` and ``arc``).
+the original design's ``size_aware_lru`` and
+``adaptive``, and ``hawkeye``); ``offline_policies()`` those that need the future.
 """
 
-from .base import EvictionPolicy, Key, available_policies, canonical_name, make_policy, register_policy
+from .base import (EvictionPolicy, Key, available_policies, canonical_name, make_policy, offline_policies,
+                   register_policy)
 from .lru import LRUPolicy
 from .fifo import FIFOPolicy
 from .lfu import LFUPolicy
@@ -16,6 +18,7 @@ from .belady import BeladyPolicy
 from .prefix_aware import PrefixAwarePolicy
 from .kv_hawkeye import KVHawkeyePolicy
 
-__all__ = ["EvictionPolicy", "Key", "available_policies", "canonical_name", "make_policy", "register_policy",
+__all__ = ["EvictionPolicy", "Key", "available_policies", "canonical_name", "make_policy", "offline_policies",
+           "register_policy",
            "LRUPolicy", "FIFOPolicy", "LFUPolicy", "GDSFPolicy", "ARCPolicy", "S3FIFOPolicy", "SievePolicy",
-           "BeladyPolicy", "PrefixAwarePolicy"]
+           "BeladyPolicy", "PrefixAwarePolicy", "KVHawkeyePolicy"]

@@ -8,7 +8,7 @@ from ._util import already_resident, check_capacity, check_size, empty, not_pinn
 from .base import EvictionPolicy, Key, register_policy
 
 
-@register_policy("adaptive", "arc")
+@register_policy("arc", "adaptive")
 class ARCPolicy(EvictionPolicy):
     """ARC, O(1).
 

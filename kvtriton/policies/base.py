@@ -25,6 +25,7 @@ class EvictionPolicy(ABC):
 
     name: ClassVar[str] = "base"
     weighs_size: ClassVar[bool] = False  # True where ``size`` changes the policy's choices
+    offline: ClassVar[bool] = False      # True where the policy needs the future (the fast replay only)
 
     @abstractmethod
     def insert(self, key: Key, size: int = 1) -> None:
@@ -108,6 +109,11 @@ def register_policy(name: str, *aliases: str) -> Callable[[type[EvictionPolicy]]
 def available_policies(include_aliases: bool = False) -> list[str]:
     names = sorted(_REGISTRY)
     return sorted(names + list(_ALIASES)) if include_aliases else names
+
+
+def offline_policies() -> list[str]:
+    """Registered policies that need the trace's future (``offline = True``), such as Belady's."""
+    return [n for n in available_policies() if _REGISTRY[n].offline]
 
 
 def canonical_name(name: str) -> str:

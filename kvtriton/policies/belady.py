@@ -26,6 +26,8 @@ class BeladyPolicy(HeapPolicy):
     ``hash_ids`` of all requests in order (``future_from_requests``).
     """
 
+    offline = True
+
     def __init__(self, future=None, capacity: int | None = None):
         check_capacity(capacity)
         super().__init__()

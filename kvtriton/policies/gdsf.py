@@ -7,7 +7,7 @@ from ._heap import HeapPolicy
 from .base import register_policy
 
 
-@register_policy("size_aware_lru", "gdsf")
+@register_policy("gdsf", "size_aware_lru")
 class GDSFPolicy(HeapPolicy):
     """Greedy-Dual-Size-Frequency; O(log n).
 

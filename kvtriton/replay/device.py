@@ -356,7 +356,7 @@ def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru"
     there are several). Every argument is checked before any device memory is touched.
     """
     from ..memory import GPUMemoryAllocator  # the memory package imports ops; keep replay import light
-    from ..policies import available_policies, canonical_name, make_policy
+    from ..policies import available_policies, canonical_name, make_policy, offline_policies
 
     cfg = config if config is not None else DeviceReplayConfig()
     if not isinstance(cfg, DeviceReplayConfig):
@@ -378,8 +378,8 @@ def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru"
             make_policy(policy_name, **policy_kwargs)
         except TypeError as e:
             raise ValueError(f"policy_kwargs {sorted(policy_kwargs)} do not fit policy {policy_name!r}: {e}") from e
-    if policy_name in _OFFLINE_POLICIES:
-        valid = [p for p in available_policies() if p not in _OFFLINE_POLICIES]
+    if policy_name in offline_policies():
+        valid = [p for p in available_policies() if p not in offline_policies()]
         raise ValueError(f"policy {policy!r} needs the trace's future and runs in the fast replay "
                          f"(kvtriton.replay.miss_ratio_curve); device replay policies: {', '.join(valid)}")
     device = resolve_device(cfg.device)
@@ -429,9 +429,6 @@ def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru"
             engine.close()
 
 
-# Policies that need the trace's future are served by the fast replay, which knows every reference in
-# advance; the serving loop's references depend on preemptions, so an offline oracle would fall out of step.
-_OFFLINE_POLICIES = ("belady",)
 
 
 def _chunk_blocks(capacity: int, block_bytes: int, target_bytes: int) -> int:

@@ -189,7 +189,7 @@ def _init_worker(state):
 
 
 # Rough relative cost per reference, to start the slowest jobs first.
-_COST = {"belady": 4, "prefix_aware": 12, "kv_hawkeye": 5, "lfu": 3, "size_aware_lru": 3, "adaptive": 2, "s3fifo": 2, "sieve": 2}
+_COST = {"belady": 4, "prefix_aware": 12, "kv_hawkeye": 5, "lfu": 3, "gdsf": 3, "arc": 2, "s3fifo": 2, "sieve": 2}
 
 
 def miss_ratio_curve(requests, policies=None, capacities=(1000, 3000, 10000, 20000, 30000, 50000), *,
