@@ -20,3 +20,23 @@ class PoolExhaustedError(KVTritonError, MemoryError):
 
 class CacheReleasedError(KVTritonError, RuntimeError):
     """A VirtualKVCache was used (or released again) after it was released."""
+
+
+class ClosedError(KVTritonError, RuntimeError):
+    """An allocator, arena or pool was used after ``close()`` (or ``destroy_pool``)."""
+
+
+class PoolClosedError(ClosedError, CacheReleasedError):
+    """A CachePool was used after it was closed or destroyed (its caches were released with it)."""
+
+    def __init__(self, pool: str, message: str | None = None):
+        self.pool = pool
+        super().__init__(message or f"pool {pool!r} is closed")
+
+
+class ArenaClosedError(ClosedError):
+    """An Arena was used after it was closed."""
+
+
+class AllocatorClosedError(ClosedError):
+    """A GPUMemoryAllocator was used after it was closed."""

@@ -6,9 +6,15 @@ counts equal holders, the prefix cache and the policy agree), the arena's chunk 
 live token's K/V bytes, written with ``append_kv`` through the pool's views, read back unchanged.
 Prompt tokens carry K/V that depend only on their prefix, so a prefix-cache hit must read back exactly
 what the first writer wrote, also after the block was moved by shrink or compaction.
+
+``writes_during_compaction`` runs a writer thread (new values for tokens a cache holds alone) against a
+thread that compacts or shrinks the same pool, in one of three interleavings: the compaction starts
+while a write is paused between its slot mapping and its kernel; a write starts while the compaction
+is paused between its move kernel and its block-table update; or both run free.
 """
 
 import os
+import threading
 
 import pytest
 import torch
@@ -18,6 +24,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initia
 
 from _memory_helpers import assert_same, read_all, snapshot
 from kvtriton import GPUMemoryAllocator, ModelSpec, PoolExhaustedError
+from kvtriton import ops
 from kvtriton.ops import backend
 
 # 192-byte blocks in 256-byte chunks (straddling) and 512-byte blocks (two chunks each).
@@ -40,6 +47,21 @@ def write(cache, start, data):
     """Write ``data`` ``[L, 2, n, H, D]`` for tokens ``[start, start + n)``."""
     for layer in range(data.shape[0]):
         cache.write_kv(layer, data[layer, 0], data[layer, 1], start)
+
+
+def private_runs(cache):
+    """``(start, end)`` token runs of ``cache`` in blocks it holds alone and that carry no block hash
+    (so no other cache, present or future, reads them): safe to overwrite with new values."""
+    pool, bs = cache.pool, cache.pool.block_size
+    runs = []
+    for i, b in enumerate(cache.block_ids):
+        lo, hi = i * bs, min((i + 1) * bs, cache.seq_len)
+        if lo < hi and pool._ref[b] == 1 and pool._hash[b] is None:
+            runs.append((lo, hi))
+    return runs
+
+
+WAIT = 20  # seconds; reached only by a deadlock
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -155,6 +177,115 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(which=st.sampled_from("ab"))
     def give_back_empty_chunks(self, which):
         self.pools[which].release_free_chunks()
+
+    @rule(which=st.sampled_from("ab"), mode=st.sampled_from(["write_first", "move_first", "free"]),
+          pause_at=st.integers(0, 5), op=st.sampled_from(["compact", "compact_evict", "shrink"]),
+          grow=st.integers(0, 2), n_append=st.integers(0, 3))
+    def writes_during_compaction(self, which, mode, pause_at, op, grow, n_append):
+        pool, spec = self.pools[which], SPECS[which]
+        live = [c for c in self.expected if c.pool is pool][:3]
+        for c in live:  # appends first, on this thread: the writer thread only writes
+            if n_append:
+                try:
+                    c.append(n_append)
+                except PoolExhaustedError:
+                    continue
+                self.expected[c] = torch.cat([self.expected[c], torch.full(
+                    (spec.num_layers, 2, n_append, spec.num_kv_heads, spec.head_dim), float("nan"))], 2)
+        if grow:
+            pool.grow(grow)                 # free room, so the compaction has blocks to move
+        plan = []                           # (cache, start, data [L, 2, n, H, D])
+        for c in live:
+            for lo, hi in private_runs(c):
+                data = torch.randn(spec.num_layers, 2, hi - lo, spec.num_kv_heads, spec.head_dim,
+                                   generator=self.gen)
+                plan.append((c, lo, data))
+        for c in live:                      # appended tokens must all be written by the plan
+            assert not torch.isnan(self.expected[c]).any() or any(p[0] is c for p in plan)
+        real_append, real_move = ops.append_kv, ops.move_blocks
+        calls = [0]
+        paused, resume, moved, go, blocked = (threading.Event() for _ in range(5))
+        errors = []
+
+        def paused_append(*args):
+            if calls[0] == pause_at:
+                paused.set()
+                assert resume.wait(WAIT)
+            calls[0] += 1
+            real_append(*args)
+
+        def paused_move(*args, **kw):
+            real_move(*args, **kw)
+            moved.set()
+            assert go.wait(WAIT)
+
+        def writer():
+            try:
+                with backend("reference"):
+                    for c, lo, data in plan:
+                        write(c, lo, data)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+            finally:
+                paused.set()
+                blocked.set()
+
+        def mover():
+            try:
+                with backend("reference"):
+                    if op == "shrink":
+                        try:
+                            pool.shrink(1, evict=True)
+                        except (PoolExhaustedError, ValueError):
+                            pass
+                    else:
+                        pool.compact(evict=op == "compact_evict")
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+            finally:
+                moved.set()
+                blocked.set()
+
+        def on_wait(kind):
+            if (mode == "write_first") == (kind == "exclusive"):
+                blocked.set()
+
+        moves = getattr(pool, "_moves", None)   # absent in a build without the moves lock
+        if moves is not None:
+            moves._on_wait = on_wait
+        ops.append_kv = paused_append if mode == "write_first" else real_append
+        ops.move_blocks = paused_move if mode == "move_first" else real_move
+        try:
+            w, m = threading.Thread(target=writer), threading.Thread(target=mover)
+            if mode == "write_first":
+                w.start()
+                assert paused.wait(WAIT)    # a write holds its slots (or there was none to pause)
+                m.start()
+                assert blocked.wait(WAIT)   # the compaction waits for it (or is over)
+                resume.set()
+            elif mode == "move_first":
+                m.start()
+                assert moved.wait(WAIT)     # bytes moved, block tables not yet rewritten
+                w.start()
+                assert blocked.wait(WAIT)   # the writer waits for the compaction (or is done)
+                go.set()
+            else:
+                resume.set()
+                go.set()
+                w.start()
+                m.start()
+            w.join(WAIT)
+            m.join(WAIT)
+            assert not w.is_alive() and not m.is_alive(), "deadlock"
+        finally:
+            resume.set()
+            go.set()
+            ops.append_kv, ops.move_blocks = real_append, real_move
+            if moves is not None:
+                moves._on_wait = None
+        assert not errors, errors
+        for c, lo, data in plan:
+            self.expected[c][:, :, lo:lo + data.shape[2]] = data
 
     @invariant()
     def pools_are_consistent(self):

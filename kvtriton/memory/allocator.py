@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 
 import torch
 
+from ..errors import AllocatorClosedError, PoolClosedError
 from ..spec import get_spec
 from ..telemetry import Instrumentation
 from .arena import DEFAULT_CHUNK_BYTES, Arena, parse_device
+from .checks import is_int
 from .pool import CachePool
 
 _SELECTIONS = ("round_robin", "least_loaded")
@@ -28,7 +31,10 @@ class GPUMemoryAllocator:
 
     When a pool cannot find blocks, the allocator asks the other pools on its device to give back
     their empty chunks (no moves) and the request is retried once. Locking: the allocator's lock is
-    taken before any pool's lock; pool locks are never nested.
+    taken before any pool's moves lock or lock, never while one is held (the reclaim path reads an
+    immutable snapshot of the pools instead); ``stats`` alone holds several pool locks, in
+    ``pool_id`` order, then the arenas' locks, so its totals are one snapshot. After ``close`` every
+    method but ``close`` raises AllocatorClosedError.
     """
 
     def __init__(self, devices=None, budget_bytes=None, memory_fraction: float | None = None,
@@ -65,20 +71,25 @@ class GPUMemoryAllocator:
         self._meter_provider = meter_provider
         self.arenas: dict[torch.device, Arena] = {}
         self._pools: dict[str, CachePool] = {}
+        self._pool_list: tuple[CachePool, ...] = ()   # replaced, never edited: read without the lock
         self._pool_ids = itertools.count()
         self._rr = 0
         self.lock = threading.RLock()
+        self._close_lock = threading.Lock()
         self._started = False
         self._closed = False
         self._tel = Instrumentation(tracer_provider, meter_provider)
 
     # ---------------------------------------------------------------- lifecycle
+    def _check_open(self) -> None:
+        if self._closed:
+            raise AllocatorClosedError(f"allocator over {[str(d) for d in self.devices]} is closed")
+
     def start(self) -> "GPUMemoryAllocator":
         """Allocate the arenas (idempotent). A budget above a device's free memory raises ValueError
         and leaves nothing allocated."""
         with self.lock:
-            if self._closed:
-                raise RuntimeError("allocator is closed")
+            self._check_open()
             if self._started:
                 return self
             arenas = {}
@@ -94,15 +105,26 @@ class GPUMemoryAllocator:
             return self
 
     def close(self) -> None:
-        with self.lock:
-            if self._closed:
-                return
-            for pool in self._pools.values():
+        """Close every pool (each waits for its ``stable_blocks`` holders) and free the arenas;
+        idempotent."""
+        with self._close_lock:
+            with self.lock:
+                if self._closed:
+                    return
+                pools = list(self._pools.values())
+                inside = [p.name for p in pools if p._moves.held_shared_by_me]
+                if inside:  # checked before anything changes: the close would wait for this thread
+                    raise RuntimeError(f"close() called inside stable_blocks() of pools {inside}")
+                self._closed = True          # from here every other method raises
+            # Outside the allocator's lock: a pool's close waits for its stable_blocks() holders,
+            # who may be calling into the allocator.
+            for pool in pools:
                 pool.close()
-            self._pools.clear()
-            for a in self.arenas.values():
-                a.close()
-            self._closed = True
+            with self.lock:
+                self._pools.clear()
+                self._pool_list = ()
+                for a in self.arenas.values():
+                    a.close()
 
     def __enter__(self) -> "GPUMemoryAllocator":
         return self.start()
@@ -136,13 +158,13 @@ class GPUMemoryAllocator:
         or ``initial_bytes``, ``max_chunks`` or ``max_bytes``, ``grow_chunks``, ``policy_kwargs``."""
         spec = get_spec(spec)
         with self.lock:
-            if self._closed:
-                raise RuntimeError("allocator is closed")
+            self._check_open()
             self.start()
             if not isinstance(name, str) or not name:
                 raise ValueError(f"name must be a non-empty str, got {name!r}")
             if name in self._pools:
                 raise ValueError(f"a pool named {name!r} exists; pools: {sorted(self._pools)}")
+            rr = self._rr
             if device is None:
                 dev = self._pick_device()
             else:
@@ -155,53 +177,84 @@ class GPUMemoryAllocator:
                 if b is not None:
                     if f"{key}_chunks" in pool_kwargs:
                         raise ValueError(f"give {key}_bytes or {key}_chunks, not both")
-                    if not isinstance(b, int) or b < 0:
+                    if not is_int(b) or b < 0:
                         raise ValueError(f"{key}_bytes must be an int >= 0, got {b!r}")
                     pool_kwargs[f"{key}_chunks"] = -(-b // arena.chunk_bytes)
-            pool = CachePool(name, spec, arena, policy, pool_id=next(self._pool_ids),
-                             tracer_provider=self._tracer_provider, meter_provider=self._meter_provider,
-                             **pool_kwargs)
+            try:
+                pool = CachePool(name, spec, arena, policy, pool_id=next(self._pool_ids),
+                                 tracer_provider=self._tracer_provider, meter_provider=self._meter_provider,
+                                 **pool_kwargs)
+            except BaseException:
+                self._rr = rr  # a failed create_pool leaves the allocator as it was
+                raise
             pool._reclaim = self._reclaim_for
             self._pools[name] = pool
+            self._pool_list = self._pool_list + (pool,)
             return pool
 
     def _reclaim_for(self, pool: CachePool) -> bool:
         """Ask the other pools on ``pool``'s arena for their empty chunks; True when any came back.
-        Called without ``pool``'s lock held."""
+        Called with no lock held, possibly inside ``pool.stable_blocks()``: it takes no allocator lock
+        (a close holding it may be waiting for that very hold) and only pool locks, one at a time."""
         got = 0
-        with self.lock:
-            others = [p for p in self._pools.values() if p is not pool and p.arena is pool.arena]
-        for p in others:
-            got += p.release_free_chunks()
+        for p in self._pool_list:
+            if p is pool or p.arena is not pool.arena or p._closed:
+                continue
+            try:
+                got += p.release_free_chunks()
+            except PoolClosedError:
+                pass  # destroyed meanwhile: its chunks went back to the arena anyway
         return got > 0
 
     def get_pool(self, name: str) -> CachePool:
         with self.lock:
+            self._check_open()
             if name not in self._pools:
                 raise KeyError(f"no pool named {name!r}; pools: {sorted(self._pools)}")
             return self._pools[name]
 
     def destroy_pool(self, name: str) -> None:
-        """Close pool ``name`` (its caches are released) and return its chunks to the arena."""
+        """Close pool ``name`` (its caches are released) and return its chunks to the arena; waits for
+        the pool's ``stable_blocks`` holders (and running ``write_kv``/``read_kv``) to leave."""
         with self.lock:
-            pool = self.get_pool(name)
-            pool.close()
-            del self._pools[name]
+            pool = self.get_pool(name)   # listed until closed, so stats() always adds up
+        # Outside the allocator's lock: the close waits for the pool's stable_blocks() holders, who
+        # may be calling into the allocator.
+        pool.close()
+        with self.lock:
+            if self._pools.get(name) is pool:
+                del self._pools[name]
+                self._pool_list = tuple(p for p in self._pool_list if p is not pool)
 
     @property
     def pools(self) -> dict[str, CachePool]:
         with self.lock:
+            self._check_open()
             return dict(self._pools)
 
     def stats(self) -> dict:
-        """``{"devices": {device: {...}}, "pools": {name: pool.stats()}}``; every leaf a plain number."""
+        """``{"devices": {device: {...}}, "pools": {name: pool.stats()}}``; every leaf a plain number.
+
+        One snapshot: every pool's lock (in ``pool_id`` order) and then every arena's lock are held
+        while the figures are read, so per device ``pools_held_bytes + free_bytes == arena_bytes``
+        and the per-pool figures add up to the device totals."""
         with self.lock:
+            self._check_open()
             pools = dict(self._pools)
             arenas = dict(self.arenas)
-        pstats = {name: p.stats() for name, p in pools.items()}
+            with contextlib.ExitStack() as held:
+                for p in sorted(pools.values(), key=lambda p: p.pool_id):
+                    held.enter_context(p.lock)
+                for a in arenas.values():
+                    held.enter_context(a.lock)
+                pools = {name: p for name, p in pools.items() if not p._closed}  # destroyed, holds nothing
+                pstats = {name: p._stats_locked() for name, p in pools.items()}
+                astats = {d: a.stats() for d, a in arenas.items()}
+        for name, p in pools.items():
+            pstats[name].update(p._latency_stats())
         devices = {}
         for d, a in arenas.items():
-            s = a.stats()
+            s = astats[d]
             s.pop("device")
             mine = [n for n, p in pools.items() if p.arena is a]
             for key in ("capacity_bytes", "used_bytes", "cached_bytes", "free_bytes", "held_bytes",

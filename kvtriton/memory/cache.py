@@ -8,6 +8,7 @@ import torch
 
 from .. import ops
 from ..errors import CacheReleasedError
+from .checks import check_count, check_token_ids, is_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import CachePool
@@ -19,6 +20,12 @@ class VirtualKVCache:
 
     ``append`` allocates blocks as needed (copy-on-write of a shared last block), ``fork`` shares every
     block, ``release`` gives them back. After release every use raises CacheReleasedError.
+
+    Threads: the pool is thread-safe; one cache is used by one thread at a time. Block ids
+    (``block_ids``, ``block_table``, ``slot_mapping``) change when the pool shrinks or compacts:
+    ``write_kv``/``read_kv`` hold the pool's moves lock from slot mapping to kernel, so a compaction
+    cannot move the blocks between the two; take ids for your own kernels inside
+    ``pool.stable_blocks()`` (see :mod:`kvtriton.memory.pool`).
     """
 
     __slots__ = ("pool", "cache_id", "_blocks", "_seq_len", "max_tokens", "num_cached_tokens", "_hashes",
@@ -38,7 +45,8 @@ class VirtualKVCache:
 
     def _alive(self) -> None:
         if self._released:
-            raise CacheReleasedError(f"cache {self.cache_id} of pool {self.pool.name!r} was released")
+            closed = " (its pool was closed)" if self.pool._closed else ""
+            raise CacheReleasedError(f"cache {self.cache_id} of pool {self.pool.name!r} was released{closed}")
 
     # ---------------------------------------------------------------- state
     @property
@@ -63,7 +71,7 @@ class VirtualKVCache:
 
     @property
     def block_table(self) -> torch.Tensor:
-        """int32 ``[num_blocks]`` on the pool's device."""
+        """int32 ``[num_blocks]`` on the pool's device (valid until the next move: see ``pool.stable_blocks``)."""
         self._alive()
         return torch.tensor(self._blocks, dtype=torch.int32).to(self.pool.device)
 
@@ -75,15 +83,19 @@ class VirtualKVCache:
 
     def slot_mapping(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """int64 ``[end - start]`` cache slots (``block * block_size + offset``) of tokens ``[start, end)``
-        (``end`` defaults to ``seq_len``) on the pool's device."""
+        (``end`` defaults to ``seq_len``) on the pool's device (valid until the next move: see
+        ``pool.stable_blocks``)."""
         self._alive()
         n = self._seq_len
         end = n if end is None else end
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n):
-            raise IndexError(f"need 0 <= start <= end <= seq_len={n}, got start={start!r}, end={end!r}")
+        if not (is_int(start) and is_int(end) and 0 <= start <= end <= n):
+            raise IndexError(f"start and end must be ints with 0 <= start <= end <= seq_len={n}, got "
+                             f"start={start!r}, end={end!r}")
+        start, end = int(start), int(end)
         bs = self.pool.block_size
+        blocks = self._blocks  # read once: a shrink replaces the list, never edits it
         pos = torch.arange(start, end, dtype=torch.int64)
-        table = torch.tensor(self._blocks, dtype=torch.int64) if self._blocks else torch.zeros(0, dtype=torch.int64)
+        table = torch.tensor(blocks, dtype=torch.int64) if blocks else torch.zeros(0, dtype=torch.int64)
         slots = table[pos // bs] * bs + pos % bs if end > start else pos
         return slots.to(self.pool.device)
 
@@ -95,10 +107,13 @@ class VirtualKVCache:
         that become full are registered in the prefix cache. Raises ValueError past ``max_tokens``,
         PoolExhaustedError when the pool is full; either way the cache is unchanged.
         """
-        if type(num_tokens) is not int or num_tokens < 0:
+        if type(num_tokens) is not int:
+            num_tokens = check_count("num_tokens", num_tokens, 0)
+        elif num_tokens < 0:
             raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         if token_ids is not None:
-            token_ids = list(token_ids)
+            # Checked in full before anything changes: a bad id must not leave the cache grown.
+            token_ids = check_token_ids(token_ids)
             if len(token_ids) != num_tokens:
                 raise ValueError(f"token_ids has {len(token_ids)} entries, num_tokens={num_tokens}")
         self.pool._append(self, num_tokens, token_ids)  # raises CacheReleasedError after release
@@ -114,18 +129,38 @@ class VirtualKVCache:
 
     def write_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor, start: int) -> None:
         """Write ``key``/``value`` ``[num_tokens, H, D]`` for tokens ``[start, start + num_tokens)`` of
-        ``layer`` with ``ops.append_kv`` (the tokens must already be in ``seq_len``)."""
-        k_cache, v_cache = self.pool.kv(layer)
-        slots = self.slot_mapping(start, start + key.shape[0])
-        ops.append_kv(key, value, k_cache, v_cache, slots)
+        ``layer`` with ``ops.append_kv`` (the tokens must already be in ``seq_len``).
+
+        Safe against a concurrent ``shrink``/``compact``/``close`` of the pool: the slot mapping is
+        taken and the kernel launched under the pool's moves lock (shared), so a move waits for the
+        write, or the write for the move, and the bytes land in the block the cache holds."""
+        if not isinstance(key, torch.Tensor) or key.dim() != 3:
+            raise TypeError(f"key must be a tensor [num_tokens, H, D], got "
+                            f"{tuple(key.shape) if isinstance(key, torch.Tensor) else type(key).__name__}")
+        pool = self.pool
+        moves = pool._moves
+        moves.acquire_shared()
+        try:
+            k_cache, v_cache = pool.kv(layer)
+            slots = self.slot_mapping(start, start + key.shape[0] if is_int(start) else start)
+            ops.append_kv(key, value, k_cache, v_cache, slots)
+        finally:
+            moves.release_shared()
 
     def read_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of ``(key, value)`` ``[seq_len, H, D]`` of ``layer`` (plain indexing; for checks)."""
-        k_cache, v_cache = self.pool.kv(layer)
-        slots = self.slot_mapping()
-        bs = self.pool.block_size
-        blk, off = slots // bs, slots % bs
-        return k_cache[blk, off].clone(), v_cache[blk, off].clone()
+        """Copies of ``(key, value)`` ``[seq_len, H, D]`` of ``layer`` (plain indexing; for checks), taken
+        under the pool's moves lock like :meth:`write_kv`."""
+        pool = self.pool
+        moves = pool._moves
+        moves.acquire_shared()
+        try:
+            k_cache, v_cache = pool.kv(layer)
+            slots = self.slot_mapping()
+            bs = pool.block_size
+            blk, off = slots // bs, slots % bs
+            return k_cache[blk, off].clone(), v_cache[blk, off].clone()
+        finally:
+            moves.release_shared()
 
     def __len__(self) -> int:
         return self.seq_len

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+from .checks import is_int
+
 # The parent hash of a sequence's first block (vLLM's NONE_HASH role).
 ROOT_HASH = hash(("kvtriton", "root"))
 
@@ -21,8 +23,9 @@ def hash_block_tokens(parent_hash: int | None, tokens: Iterable[int]) -> int:
 def block_hashes_from_tokens(token_ids: Sequence[int], block_size: int,
                              parent_hash: int | None = None) -> list[int]:
     """Chained hashes of the FULL blocks of ``token_ids`` (a trailing partial block gets none)."""
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not is_int(block_size) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    block_size = int(block_size)
     toks = list(token_ids)
     out: list[int] = []
     h = parent_hash
@@ -43,8 +46,11 @@ def expand_hash_ids(hash_ids: Sequence[int], hash_block_tokens_: int, block_size
     token) with its end position, so blocks inside one coarse id differ and equal prefixes agree.
     """
     for arg, v in (("hash_block_tokens", hash_block_tokens_), ("block_size", block_size)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{arg} must be a positive int, got {v!r}")
+        if not is_int(v) or v < 1:
+            raise ValueError(f"{arg} must be an int >= 1, got {v!r}")
+    if num_tokens is not None and (not is_int(num_tokens) or num_tokens < 0):
+        raise ValueError(f"num_tokens must be None or an int >= 0, got {num_tokens!r}")
+    hash_block_tokens_, block_size = int(hash_block_tokens_), int(block_size)
     covered = len(hash_ids) * hash_block_tokens_
     n = covered if num_tokens is None else min(int(num_tokens), covered)
     out = []

@@ -18,9 +18,24 @@ A usable block is in exactly one state: *free* (on the free list), *used* (refer
 *cached* (reference count 0 but registered in the prefix cache under its block hash: evictable, in
 the order the pool's policy chooses). ``free + used + cached == capacity`` at all times.
 
-Locking: every public method takes the pool's lock; growing and shrinking then take the arena's lock
-(a leaf lock: the arena never calls back). The allocator takes its own lock before either. Order:
-allocator lock -> pool lock -> arena lock. No method holds two pool locks at once.
+Block moves and the users of block ids exclude each other. Block ids only change under a live cache
+in two ways: by that cache's own ``append`` and ``release`` (use each cache from one thread at a
+time), and by ``shrink``/``compact``/``close`` of its pool, which move live blocks or free them. The
+latter take the pool's *moves lock* exclusively; ``write_kv``/``read_kv`` hold it shared from taking
+their slot mapping to launching their kernel, and so does code inside ``with pool.stable_blocks():``
+(take block tables, slot mappings or ``block_ids`` there and launch the kernels that use them before
+leaving). A move that starts meanwhile waits for the holders to leave; holders that arrive while a
+move waits or runs wait for it to finish (so compaction is not starved), then see the new ids. A
+thread inside ``stable_blocks()`` that calls ``shrink``/``compact``/``close`` on the same pool gets
+RuntimeError rather than a deadlock. ``pool.kv`` views stay valid until the pool is closed. On CUDA a
+move synchronizes the device before and after its kernel, so kernels launched under a shared hold on
+any stream are ordered with it; ordering a *released* cache's pending writes with later users of its
+blocks across streams is the caller's (one stream, or synchronize), as with torch's allocator.
+
+Locking order: allocator lock -> moves lock (shared or exclusive) -> pool lock -> arena lock (a
+reentrant leaf: the arena never calls back). Only ``GPUMemoryAllocator.stats`` holds several pool
+locks, taken in ``pool_id`` order; no pool lock is held while waiting for an allocator or moves lock.
+A closed pool raises PoolClosedError from every method (``close`` itself is idempotent).
 """
 
 from __future__ import annotations
@@ -34,20 +49,40 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..errors import CacheReleasedError, PoolExhaustedError
+from ..errors import ArenaClosedError, CacheReleasedError, PoolClosedError, PoolExhaustedError
 from ..policies.base import EvictionPolicy, make_policy
 from ..spec import ModelSpec, get_spec
 from ..telemetry import Instrumentation
 from .arena import FREE, Arena
 from .cache import VirtualKVCache
+from .checks import check_block_hashes, check_count, check_index, check_token_ids, is_int
 from .hashing import block_hashes_from_tokens, hash_block_tokens
+from .locks import MovesLock
 from .stats import LatencyRecorder, ratio
 
 
-def _check_count(name: str, v, minimum: int = 0) -> int:
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
+_check_count = check_count
+
+
+class _StableBlocks:
+    """The context manager of :meth:`CachePool.stable_blocks` (a shared hold of the moves lock)."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: "CachePool"):
+        self._pool = pool
+
+    def __enter__(self):
+        pool = self._pool
+        pool._moves.acquire_shared()
+        if pool._closed:
+            pool._moves.release_shared()
+            raise PoolClosedError(pool.name)
+        return pool
+
+    def __exit__(self, *exc):
+        self._pool._moves.release_shared()
+        return False
 
 
 class CachePool:
@@ -67,9 +102,14 @@ class CachePool:
                  latency_window: int = 100_000):
         self.name = str(name)
         self.spec: ModelSpec = get_spec(spec)
+        if not isinstance(arena, Arena):
+            raise TypeError(f"arena must be an Arena, got {type(arena).__name__}")
+        if arena.closed:
+            raise ArenaClosedError(f"the arena of {arena.device} is closed")
         self.arena = arena
         self.device = arena.device
-        self.pool_id = int(pool_id)
+        self.pool_id = _check_count("pool_id", pool_id, 0)
+        latency_window = _check_count("latency_window", latency_window, 1)
         grow_chunks = _check_count("grow_chunks", grow_chunks, 1)
         initial_chunks = _check_count("initial_chunks", initial_chunks, 0)
         if max_chunks is not None:
@@ -92,6 +132,7 @@ class CachePool:
         n, spec = self.num_blocks, self.spec
         self.view = (arena.buffer[: n * self.block_bytes].view(spec.dtype)
                      .view(n, spec.num_layers, 2, spec.block_size, spec.num_kv_heads, spec.head_dim))
+        self._kv_views = [(self.view[:, layer, 0], self.view[:, layer, 1]) for layer in range(spec.num_layers)]
         C, B = arena.chunk_bytes, self.block_bytes
         idx = np.arange(n, dtype=np.int64)
         self._first_chunk = (idx * B) // C             # chunks overlapped by each block
@@ -111,6 +152,7 @@ class CachePool:
         self._n_idle = 0                  # cached blocks with no reference (evictable)
         self._chunks_held = 0
         self.lock = threading.Lock()
+        self._moves = MovesLock()         # shared: users of block ids; exclusive: block moves
         self._closed = False
         self._reclaim = None              # set by the allocator: frees other pools' empty chunks
         self._lat = LatencyRecorder(latency_window)
@@ -141,7 +183,10 @@ class CachePool:
                 pool = ref()
                 if pool is None or pool._closed:
                     return None
-                s = pool.stats()
+                try:
+                    s = pool.stats()
+                except PoolClosedError:
+                    return None
                 attrs = {"pool": pool.name, "device": str(pool.device)}
                 return [(s[k] * scale, {**attrs, "state": k}) if len(keys) > 1 else (s[k] * scale, attrs)
                         for k in keys]
@@ -162,22 +207,43 @@ class CachePool:
             t.observe(f"kvtriton.pool.{key}", "counter", "1", desc, reader([key]))
 
     # ------------------------------------------------------------------ views and tensors
-    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(key_cache, value_cache)`` of ``layer``: views ``[num_blocks, block_size, H, D]`` (spec dtype)."""
-        if not isinstance(layer, int) or not 0 <= layer < self.spec.num_layers:
-            raise IndexError(f"layer must be in [0, {self.spec.num_layers}), got {layer!r}")
+    def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"pool {self.name!r} is closed")
-        return self.view[:, layer, 0], self.view[:, layer, 1]
+            raise PoolClosedError(self.name)
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key_cache, value_cache)`` of ``layer``: views ``[num_blocks, block_size, H, D]`` (spec dtype)
+        of the arena, valid until the pool is closed. Block ids index them; see :meth:`stable_blocks`."""
+        views = self._kv_views
+        if views is None:
+            raise PoolClosedError(self.name)
+        if type(layer) is not int:
+            layer = check_index("layer", layer, 0, self.spec.num_layers)
+        elif not 0 <= layer < self.spec.num_layers:
+            raise IndexError(f"layer must be an int in [0, {self.spec.num_layers}), got {layer!r}")
+        return views[layer]
+
+    def stable_blocks(self):
+        """``with pool.stable_blocks():`` no shrink, compaction or close of this pool moves or frees a
+        block until the block exits (they wait; one already running finishes first). Take block
+        tables (:meth:`batch_tensors`, ``cache.block_table``), slot mappings or ``block_ids`` inside
+        and launch the kernels that use them before leaving. Reentrant; ``write_kv``/``read_kv`` take
+        it themselves. Calling ``shrink``/``compact``/``close`` of this pool inside raises RuntimeError."""
+        self._check_open()
+        return _StableBlocks(self)
 
     def batch_tensors(self, caches: Sequence[VirtualKVCache], max_blocks: int | None = None):
         """``(block_tables int32 [batch, max_blocks], seq_lens int32 [batch])`` on the pool's device;
-        rows are padded with block 0 past each cache's blocks."""
+        rows are padded with block 0 past each cache's blocks. Valid until the next block move: use
+        them inside :meth:`stable_blocks`."""
+        if max_blocks is not None:
+            max_blocks = check_count("max_blocks", max_blocks, 0)
         with self.lock:
+            self._check_open()
             rows, lens = [], []
             for c in caches:
                 self._own(c)
-                rows.append(c._blocks)
+                rows.append(list(c._blocks))  # a copy: the cache's own list changes under append
                 lens.append(c._seq_len)
         width = max((len(r) for r in rows), default=0)
         if max_blocks is None:
@@ -203,7 +269,9 @@ class CachePool:
         other hashed blocks are registered for later requests. ``request`` (e.g. a workload
         ``Request``) is handed to the policy's ``on_request`` hook with the block hashes and the hit
         count, for policies that use what a KV cache knows. Raises PoolExhaustedError (pool unchanged)
-        when the blocks cannot be found even after growing and evicting.
+        when the blocks cannot be found even after growing and evicting, ValueError (pool unchanged)
+        on bad arguments: block hashes must be distinct hashable keys other than ``None`` (the pool's
+        "no hash" marker), token ids ints.
         """
         t0 = time.perf_counter_ns()
         if (token_ids is None and block_hashes is None and max_tokens is None and request is None
@@ -253,20 +321,22 @@ class CachePool:
         return cache
 
     def _request(self, num_tokens, max_tokens, token_ids, block_hashes, request=None) -> VirtualKVCache:
+        # Every argument is checked before the lock is taken: a bad one changes nothing.
         if token_ids is not None:
             if block_hashes is not None:
                 raise ValueError("give token_ids or block_hashes, not both")
-            token_ids = list(token_ids)
+            token_ids = check_token_ids(token_ids)
             if num_tokens is None:
                 num_tokens = len(token_ids)
             elif num_tokens != len(token_ids):
-                raise ValueError(f"num_tokens={num_tokens} but {len(token_ids)} token_ids were given")
+                raise ValueError(f"num_tokens={num_tokens!r} but {len(token_ids)} token_ids were given")
         if num_tokens is None:
             raise ValueError("num_tokens is required (or token_ids)")
-        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < num_tokens):
-            raise ValueError(f"max_tokens must be an int >= num_tokens={num_tokens}, got {max_tokens!r}")
+        num_tokens = check_count("num_tokens", num_tokens, 0)
+        if max_tokens is not None:
+            if not is_int(max_tokens) or max_tokens < num_tokens:
+                raise ValueError(f"max_tokens must be an int >= num_tokens={num_tokens}, got {max_tokens!r}")
+            max_tokens = int(max_tokens)
         bs = self.block_size
         nblocks = -(-num_tokens // bs)
         tail = None
@@ -274,15 +344,14 @@ class CachePool:
             hashes = block_hashes_from_tokens(token_ids, bs)
             tail = token_ids[len(hashes) * bs:]
         elif block_hashes is not None:
-            hashes = list(block_hashes)
+            hashes = check_block_hashes(block_hashes)
             if len(hashes) > nblocks:
                 raise ValueError(f"block_hashes has {len(hashes)} entries but num_tokens={num_tokens} "
                                  f"spans only {nblocks} blocks of {bs}")
         else:
             hashes = None
         with self.lock:
-            if self._closed:
-                raise CacheReleasedError(f"pool {self.name!r} is closed")
+            self._check_open()
             hits: list[int] = []
             if hashes:
                 cached = self._cached
@@ -336,6 +405,7 @@ class CachePool:
         """Drop ``cache``'s references; its blocks become free, or cached (evictable) when they carry a
         block hash, the last blocks first so a cached prefix is evicted from its end."""
         with self.lock:
+            self._check_open()
             self._own(cache)
             blocks = cache._blocks
             self._unref_blocks(blocks)
@@ -377,6 +447,7 @@ class CachePool:
     def _append(self, cache: VirtualKVCache, n: int, token_ids) -> None:
         bs = self.block_size
         with self.lock:
+            self._check_open()
             if cache._released:
                 self._own(cache)  # raises CacheReleasedError
             old_len = cache._seq_len
@@ -432,6 +503,7 @@ class CachePool:
 
     def _fork(self, cache: VirtualKVCache) -> VirtualKVCache:
         with self.lock:
+            self._check_open()
             self._own(cache)
             ref = self._ref
             for b in cache._blocks:
@@ -460,6 +532,7 @@ class CachePool:
         way are never moved by shrink. Give them back with :meth:`free_blocks`."""
         n = _check_count("n", n, 0)
         with self.lock:
+            self._check_open()
             self._make_room(n, 0)
             self._evict_to(n)
             ids = self._pop_free(n)
@@ -474,7 +547,12 @@ class CachePool:
         """Return blocks from :meth:`allocate_blocks`; unknown or already freed ids raise ValueError and
         free nothing."""
         ids = list(ids)
+        for i, b in enumerate(ids):
+            if not is_int(b):
+                raise ValueError(f"ids[{i}] must be an int (a block id from allocate_blocks), got {b!r}")
+        ids = [int(b) for b in ids]
         with self.lock:
+            self._check_open()
             ext = self._external
             bad = [b for b in ids if b not in ext]
             if bad or len(set(ids)) != len(ids):
@@ -535,8 +613,11 @@ class CachePool:
 
     def evict(self, n: int | None = None) -> int:
         """Evict up to ``n`` cached, unreferenced blocks (all when None) in policy order; returns the count."""
+        if n is not None:
+            n = _check_count("n", n, 0)
         with self.lock:
-            k = self._n_idle if n is None else min(_check_count("n", n, 0), self._n_idle)
+            self._check_open()
+            k = self._n_idle if n is None else min(n, self._n_idle)
             for _ in range(k):
                 self._evict_one()
         if k and self._tel.tracing:
@@ -566,16 +647,18 @@ class CachePool:
         if limit is not None and limit <= 0:
             return []
         arena, C = self.arena, self.arena.chunk_bytes
+        # The arena's lock is held across choosing free chunks and claiming them (arena.claim takes
+        # it again: it is reentrant), so no other pool takes them in between.
         with arena.lock:
-            owner = arena.owner
+            if arena.closed:
+                raise ArenaClosedError(f"the arena of {arena.device} is closed")
             if arena.n_free == 0:
                 return []
             if self._unit is not None:
-                claimed, newly = self._grow_aligned(owner, need, min_chunks, limit)
+                claimed, newly = self._grow_aligned(arena.owner, need, min_chunks, limit)
             else:
-                claimed, newly = self._grow_general(owner, need, min_chunks, limit)
+                claimed, newly = self._grow_general(arena.owner, need, min_chunks, limit)
         if claimed:
-            arena.n_free -= len(claimed)
             newly.sort(reverse=True)  # low ids are popped first
             self._free[:0] = newly    # behind recently freed blocks, which are reused first
             self._capacity += len(newly)
@@ -610,7 +693,7 @@ class CachePool:
             return [], []
         chunks = (chosen[:, None] * uc + np.arange(uc)).ravel()
         chunks = chunks[owner[chunks] == FREE]
-        owner[chunks] = me
+        self.arena.claim(chunks, me)
         blocks = (chosen[:, None] * ub + np.arange(ub)).ravel()
         blocks = blocks[blocks < self.num_blocks]
         self._usable[blocks] = True
@@ -639,7 +722,7 @@ class CachePool:
                 continue
             if limit is not None and len(claimed) + len(new_chunks) > limit:
                 continue
-            owner[new_chunks] = me
+            self.arena.claim(new_chunks, me)
             claimed.extend(new_chunks)
             lo = (new_chunks[0] * C) // B
             hi = min(n - 1, ((new_chunks[-1] + 1) * C - 1) // B)
@@ -676,16 +759,14 @@ class CachePool:
         self._free = [b for b in self._free if b not in lost_set]
         self._usable[lost] = False
         self._capacity -= len(lost)
-        with self.arena.lock:
-            self.arena.give_back(chunks, self.pool_id)
+        self.arena.give_back(chunks, self.pool_id)
         self._chunks_held -= len(chunks)
         if undo:
             self._counters["chunks_claimed"] -= len(chunks)
             self._counters["grows"] -= 1
 
     def _ungrow_all(self):
-        with self.arena.lock:
-            held = self.arena.chunks_of(self.pool_id).tolist()
+        held = self.arena.chunks_of(self.pool_id).tolist()
         if held:
             self._ungrow(held)
 
@@ -695,10 +776,15 @@ class CachePool:
         claimed (fewer where the arena or ``max_chunks`` runs out)."""
         if (num_chunks is None) == (num_blocks is None):
             raise ValueError("give exactly one of num_chunks or num_blocks")
+        if num_chunks is not None:
+            num_chunks = _check_count("num_chunks", num_chunks, 0)
+        else:
+            num_blocks = _check_count("num_blocks", num_blocks, 0)
         with self.lock:
+            self._check_open()
             if num_chunks is not None:
-                return self._claim_chunks(_check_count("num_chunks", num_chunks, 0))
-            return len(self._grow_blocks(_check_count("num_blocks", num_blocks, 0), min_chunks=0))
+                return self._claim_chunks(num_chunks)
+            return len(self._grow_blocks(num_blocks, min_chunks=0))
 
     def shrink(self, num_chunks: int, *, evict: bool = True) -> int:
         """Give ``num_chunks`` chunks back to the arena, emptying them first: live blocks in the chosen
@@ -708,19 +794,24 @@ class CachePool:
         the policy's victims make room (anywhere in the pool), else the shrink fails. Chunks holding
         blocks from ``allocate_blocks`` are never chosen. Raises PoolExhaustedError (nothing changed)
         when the live blocks cannot fit in the remaining chunks; returns ``num_chunks``.
+
+        Waits for running ``write_kv``/``read_kv`` calls and ``stable_blocks()`` holders of this pool;
+        block ids taken outside them before the shrink are stale after it.
         """
         num_chunks = _check_count("num_chunks", num_chunks, 0)
-        if num_chunks == 0:
-            return 0
-        with self.lock:
-            moved = self._shrink(num_chunks, evict)
-        return moved
+        moves = self._moves
+        moves.acquire_exclusive("shrink")  # before the pool lock: see the module's locking order
+        try:
+            with self.lock:
+                self._check_open()
+                return self._shrink(num_chunks, evict) if num_chunks else 0
+        finally:
+            moves.release_exclusive()
 
     def _shrink(self, num_chunks: int, evict: bool, probe: bool = False) -> int:
         """Give back ``num_chunks`` chunks (see :meth:`shrink`). With ``probe`` only check that it is
         possible: raise as the real call would, change nothing, count nothing."""
-        with self.arena.lock:
-            held = self.arena.chunks_of(self.pool_id)
+        held = self.arena.chunks_of(self.pool_id)
         if num_chunks > len(held):
             raise ValueError(f"num_chunks must be <= the {len(held)} chunks pool {self.name!r} holds, "
                              f"got {num_chunks}")
@@ -779,8 +870,15 @@ class CachePool:
         dst = keep_free[len(keep_free) - len(src):] if src else []
         keep_free = keep_free[: len(keep_free) - len(src)]
         if src:
+            cuda = self.device.type == "cuda"
+            if cuda:
+                # Kernels launched under shared holds, on any stream, finish before the move reads.
+                torch.cuda.synchronize(self.device)
             ops.move_blocks(self.view, torch.tensor(src, dtype=torch.int64, device=self.device),
                             torch.tensor(dst, dtype=torch.int64, device=self.device))
+            if cuda:
+                # ...and the move finishes before a kernel launched on another stream after we return.
+                torch.cuda.current_stream(self.device).synchronize()
             mapping = dict(zip(src, dst))
             for s, d in mapping.items():
                 ref[d], hashes[d] = ref[s], hashes[s]
@@ -794,8 +892,7 @@ class CachePool:
         self._free = keep_free
         self._usable[lost] = False
         self._capacity -= len(lost)
-        with self.arena.lock:
-            self.arena.give_back(chosen, self.pool_id)
+        self.arena.give_back(chosen, self.pool_id)
         self._chunks_held -= len(chosen)
         self._counters["shrinks"] += 1
         self._counters["chunks_returned"] += len(chosen)
@@ -809,8 +906,8 @@ class CachePool:
     def release_free_chunks(self) -> int:
         """Give back every held chunk whose usable blocks are all free (no moves); returns the count."""
         with self.lock:
-            with self.arena.lock:
-                held = self.arena.chunks_of(self.pool_id).tolist()
+            self._check_open()
+            held = self.arena.chunks_of(self.pool_id).tolist()
             C, B, n = self.arena.chunk_bytes, self.block_bytes, self.num_blocks
             ref, hashes = self._ref, self._hash
             empty = []
@@ -824,31 +921,37 @@ class CachePool:
             return len(empty)
 
     def compact(self, *, evict: bool = False) -> int:
-        """Pack live blocks into as few chunks as they allow and give the rest back (see :meth:`shrink`);
-        returns the chunks given back."""
-        with self.lock:
-            with self.arena.lock:
-                held = int((self.arena.owner == self.pool_id).sum())
-            live = self._n_used + (0 if evict else self._n_idle)
-            per_chunk = max(1.0, self.arena.chunk_bytes / self.block_bytes)
-            k = held - int(np.ceil(live / per_chunk))
-            released = 0
-            # Feasibility falls monotonically with the number of chunks given back (the emptiest
-            # go first), so binary-search the largest feasible count with side-effect-free probes.
-            lo, hi = 0, max(k, 0)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                try:
-                    self._shrink(mid, evict, probe=True)
-                    lo = mid
-                except (PoolExhaustedError, ValueError):
-                    hi = mid - 1
-            if lo > 0:
-                released = self._shrink(lo, evict)
+        """Pack live blocks into as few chunks as they allow and give the rest back (see :meth:`shrink`,
+        also for how it waits for users of block ids); returns the chunks given back."""
+        moves = self._moves
+        moves.acquire_exclusive("compact")  # before the pool lock: see the module's locking order
+        try:
+            with self.lock:
+                self._check_open()
+                released = self._compact(evict)
+        finally:
+            moves.release_exclusive()
         if self._tel.tracing:
             with self._tel.span("kvtriton.compact", chunks=released, bytes=released * self.arena.chunk_bytes):
                 pass
         return released
+
+    def _compact(self, evict: bool) -> int:
+        held = self._chunks_held
+        live = self._n_used + (0 if evict else self._n_idle)
+        per_chunk = max(1.0, self.arena.chunk_bytes / self.block_bytes)
+        k = held - int(np.ceil(live / per_chunk))
+        # Feasibility falls monotonically with the number of chunks given back (the emptiest
+        # go first), so binary-search the largest feasible count with side-effect-free probes.
+        lo, hi = 0, max(k, 0)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            try:
+                self._shrink(mid, evict, probe=True)
+                lo = mid
+            except (PoolExhaustedError, ValueError):
+                hi = mid - 1
+        return self._shrink(lo, evict) if lo > 0 else 0
 
     # ------------------------------------------------------------------ statistics
     @property
@@ -863,55 +966,66 @@ class CachePool:
         """Plain numbers: blocks and bytes by state, utilization, fragmentation, hits, evictions, chunks
         held and ``request`` latency percentiles (microseconds)."""
         with self.lock:
-            bs = self.block_size
-            # A block's fill is the most tokens any cache holding it has in it: the blocks before a
-            # cache's last written one are full, the last may be partial, reserved ones past it hold 0.
-            full: set[int] = set()
-            partial: dict[int, int] = {}
-            tokens = 0
-            for c in self._caches.values():
-                n = c._seq_len
-                tokens += n
-                k = -(-n // bs)
-                if not k:
-                    continue
-                blocks = c._blocks
-                full.update(blocks[:k - 1])
-                b, f = blocks[k - 1], n - (k - 1) * bs
-                if f == bs:
-                    full.add(b)
-                elif f > partial.get(b, 0):
-                    partial[b] = f
-            part = [f for b, f in partial.items() if b not in full]
-            held_slots = (len(full) + len(part)) * bs
-            internal = ratio(held_slots - len(full) * bs - sum(part), held_slots)
-            cap, used, idle, free = self._capacity, self._n_used, self._n_idle, len(self._free)
-            held_bytes = self._chunks_held * self.arena.chunk_bytes
-            out = {
-                "capacity_blocks": cap, "used_blocks": used, "cached_blocks": idle, "free_blocks": free,
-                "capacity_bytes": cap * self.block_bytes, "used_bytes": used * self.block_bytes,
-                "cached_bytes": idle * self.block_bytes, "free_bytes": free * self.block_bytes,
-                "block_bytes": self.block_bytes, "block_size": bs,
-                "utilization": ratio(used, cap),
-                "internal_fragmentation": internal,
-                "external_fragmentation": 1.0 - ratio(used * self.block_bytes, held_bytes) if held_bytes else 0.0,
-                "chunks_held": self._chunks_held, "held_bytes": held_bytes,
-                "live_caches": len(self._caches), "live_tokens": tokens,
-                "prefix_cache_entries": len(self._cached),
-                "hit_rate": ratio(self._counters["hit_blocks"],
-                                  self._counters["hit_blocks"] + self._counters["miss_blocks"]),
-            }
-            out.update(self._counters)
-            out.update({f"alloc_latency_{k}": v for k, v in self._lat.percentiles_us().items()})
-            return out
+            self._check_open()
+            out = self._stats_locked()
+        out.update(self._latency_stats())  # not under the lock: a percentile over the window is slow
+        return out
+
+    def _latency_stats(self) -> dict:
+        return {f"alloc_latency_{k}": v for k, v in self._lat.percentiles_us().items()}
+
+    def _stats_locked(self) -> dict:
+        """:meth:`stats` for a caller holding the pool's lock (also of a closed one, which holds nothing)."""
+        bs = self.block_size
+        # A block's fill is the most tokens any cache holding it has in it: the blocks before a
+        # cache's last written one are full, the last may be partial, reserved ones past it hold 0.
+        full: set[int] = set()
+        partial: dict[int, int] = {}
+        tokens = 0
+        for c in self._caches.values():
+            n = c._seq_len
+            tokens += n
+            k = -(-n // bs)
+            if not k:
+                continue
+            blocks = c._blocks
+            full.update(blocks[:k - 1])
+            b, f = blocks[k - 1], n - (k - 1) * bs
+            if f == bs:
+                full.add(b)
+            elif f > partial.get(b, 0):
+                partial[b] = f
+        part = [f for b, f in partial.items() if b not in full]
+        held_slots = (len(full) + len(part)) * bs
+        internal = ratio(held_slots - len(full) * bs - sum(part), held_slots)
+        cap, used, idle, free = self._capacity, self._n_used, self._n_idle, len(self._free)
+        held_bytes = self._chunks_held * self.arena.chunk_bytes
+        out = {
+            "capacity_blocks": cap, "used_blocks": used, "cached_blocks": idle, "free_blocks": free,
+            "capacity_bytes": cap * self.block_bytes, "used_bytes": used * self.block_bytes,
+            "cached_bytes": idle * self.block_bytes, "free_bytes": free * self.block_bytes,
+            "block_bytes": self.block_bytes, "block_size": bs,
+            "utilization": ratio(used, cap),
+            "internal_fragmentation": internal,
+            "external_fragmentation": 1.0 - ratio(used * self.block_bytes, held_bytes) if held_bytes else 0.0,
+            "chunks_held": self._chunks_held, "held_bytes": held_bytes,
+            "live_caches": len(self._caches), "live_tokens": tokens,
+            "prefix_cache_entries": len(self._cached),
+            "hit_rate": ratio(self._counters["hit_blocks"],
+                              self._counters["hit_blocks"] + self._counters["miss_blocks"]),
+        }
+        out.update(self._counters)
+        return out
 
     def reset_latency(self) -> None:
+        self._check_open()
         self._lat.clear()
 
     # ------------------------------------------------------------------ checks and teardown
     def validate(self) -> None:
         """Check every invariant (O(pool size)); raises AssertionError naming the first broken one."""
         with self.lock:
+            self._check_open()
             usable = set(np.flatnonzero(self._usable).tolist())
             assert len(usable) == self._capacity, "capacity != usable blocks"
             free = self._free
@@ -919,6 +1033,7 @@ class CachePool:
             assert set(free) <= usable, "free list holds an unusable block"
             holders = [0] * self.num_blocks
             for c in self._caches.values():
+                assert len(set(c._blocks)) == len(c._blocks), f"cache {c.cache_id} holds a block twice"
                 for b in c._blocks:
                     holders[b] += 1
             for b in self._external:
@@ -937,30 +1052,53 @@ class CachePool:
             assert used == self._n_used, f"used count {self._n_used} != {used}"
             assert idle == self._n_idle, f"cached count {self._n_idle} != {idle}"
             assert len(free) + used + idle == self._capacity, "free + used + cached != capacity"
+            assert None not in self._cached, "None (the no-hash marker) is a prefix-cache key"
             assert len(self._cached) == sum(h is not None for h in self._hash), "hash map size"
             for h, b in self._cached.items():
                 assert self._hash[b] == h, f"hash map points {h!r} at block {b} holding {self._hash[b]!r}"
             assert len(self.policy) == len(self._cached), "policy residents != cached blocks"
             assert self.policy.num_evictable == self._n_idle, "policy evictable != cached unreferenced"
-            with self.arena.lock:
-                assert int((self.arena.owner == self.pool_id).sum()) == self._chunks_held, "chunks held"
+            assert self.arena.count_of(self.pool_id) == self._chunks_held, "chunks held"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
-        """Release every cache and give all chunks back; later use raises CacheReleasedError."""
-        with self.lock:
-            if self._closed:
-                return
-            for cache in list(self._caches.values()):
-                cache._released = True
-                cache._blocks = []
-            self._caches.clear()
-            self._closed = True
-            with self.arena.lock:
-                self.arena.release_all(self.pool_id)
-            self._free = []
-            self._usable[:] = False
-            self._capacity = self._n_used = self._n_idle = self._chunks_held = 0
-            self.view = None  # so the arena's memory is freed once the allocator lets it go
+        """Release every cache and give all chunks back (idempotent). Waits for the holders of
+        :meth:`stable_blocks` (and running ``write_kv``/``read_kv``) to leave, so no kernel writes into a
+        chunk after it went back to the arena. Later use of the pool raises PoolClosedError, of its
+        caches CacheReleasedError."""
+        if self._closed:
+            return
+        moves = self._moves
+        moves.acquire_exclusive("close")
+        try:
+            with self.lock:
+                if self._closed:
+                    return
+                if self.device.type == "cuda" and self._n_used:
+                    torch.cuda.synchronize(self.device)  # kernels on any stream land before the chunks go
+                for cache in list(self._caches.values()):
+                    cache._released = True
+                    cache._blocks = []
+                self._caches.clear()
+                self._closed = True
+                self._kv_views = None
+                try:
+                    self.arena.release_all(self.pool_id)
+                except ArenaClosedError:
+                    pass  # the arena went first: nothing left to give back
+                self._free = []
+                self._usable[:] = False
+                self._external.clear()
+                self._cached.clear()
+                self._hash = [None] * self.num_blocks
+                self._ref = [0] * self.num_blocks
+                self._capacity = self._n_used = self._n_idle = self._chunks_held = 0
+                self.view = None  # so the arena's memory is freed once the allocator lets it go
+        finally:
+            moves.release_exclusive()
 
     def __repr__(self) -> str:
         return (f"CachePool({self.name!r}, spec={self.spec.name!r}, device={self.device}, "
