@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvtriton.ops as ops
+from kvtriton.ops import gather
 from kvtriton.ops import reference as ref
 from kvtriton.ops._backend import HAS_TRITON, INTERPRET
 
@@ -442,6 +443,80 @@ def test_int64_offsets_token_ops(big_storage):
     seq_k = torch.cat([before[2, 0], before[0, 0, :2]])
     assert torch.equal(kc[2, :3], seq_k[[1, 3, 5]])
     assert torch.equal(kc[2, 3], before[2, 0, 3]) and torch.equal(kc[0], before[0, 0])
+
+
+def test_int64_head_offsets_token_ops(big_storage):
+    """A cache stored heads-outermost (head stride 2^30 + 2^20 elements, 3 heads): head * stride passes
+    2^31 inside one token, which the per-token kernels must compute in int64."""
+    bs, H, D, nb = 4, 3, 32, 3
+    strides = (bs * D, D, BIG_STRIDE, 1)
+    kc = big_storage.as_strided((nb, bs, H, D), strides, BIG_BASE)
+    vc = big_storage.as_strided((nb, bs, H, D), strides, BIG_BASE + nb * bs * D)
+    assert (H - 1) * kc.stride(2) >= 2**31
+    for c in (kc, vc):
+        c.copy_(rand(c.shape, torch.uint8))
+    ek, ev = kc.clone(), vc.clone()  # the reference runs on dense copies
+    key, value = rand((3, H, D), torch.uint8), rand((3, H, D), torch.uint8)
+    slots = torch.tensor([2 * bs + 1, -1, 3])
+    ref.append_kv(key, value, ek, ev, slots)
+    ops.append_kv(key, value, kc, vc, slots)
+    assert torch.equal(kc, ek) and torch.equal(vc, ev)
+    bt = torch.tensor([[2, 0]], dtype=torch.int32)
+    sl = torch.tensor([6], dtype=torch.int32)
+    k, v, _ = ops.gather_kv(kc, vc, bt, sl)
+    rk, rv, _ = ref.gather_kv(ek, ev, bt, sl)
+    assert torch.equal(k, rk) and torch.equal(v, rv)
+    keep = torch.tensor([[False, True, False, True, False, True]])
+    new_ref = ref.compact_tokens(ek, ev, bt, sl, keep)
+    new = ops.compact_tokens(kc, vc, bt, sl, keep)
+    assert torch.equal(new, new_ref) and torch.equal(kc, ek) and torch.equal(vc, ev)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Index values that were not checked (CUDA without debug_checks(), or a direct torch.ops.kvtriton call):
+# a bad value may give a wrong result but never a store outside the op's outputs or the blocks it names.
+
+
+def test_gather_kv_unchecked_lengths_store_inside_outputs(monkeypatch):
+    pad = 16 * 2 * 16  # 16 rows of [H=2, D=16] on each side of every output
+
+    bufs = []
+
+    def padded_empty(shape, dtype, device):
+        n = 1
+        for s in shape:
+            n *= s
+        buf = torch.full((n + 2 * pad,), float("nan"), dtype=dtype, device=device)
+        bufs.append(buf)
+        return buf[pad:pad + n].view(shape)
+
+    monkeypatch.setattr(gather, "_empty", padded_empty)
+    kc, vc, _ = make_kv(6, 4, 2, 16, torch.float32, "contiguous")
+    bt = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32)
+    # num_tokens below seq_lens.sum() (rows 4..13 past the end), and a negative length (cu_seqlens < 0:
+    # rows -3..-1 before the start).
+    for lens, num_tokens in (([5, 6, 3], 4), ([-3, 6, 1], 4)):
+        bufs.clear()
+        sl = torch.tensor(lens, dtype=torch.int32)
+        k, v, cu = torch.ops.kvtriton.gather_kv(kc, vc, bt, sl, num_tokens)
+        assert k.shape == (num_tokens, 2, 16) and len(bufs) == 2
+        for buf in bufs:
+            assert buf[:pad].isnan().all() and buf[-pad:].isnan().all()
+        if lens[0] > 0:  # the rows that do belong to the output are right
+            assert torch.equal(k, kc[0, :4]) and torch.equal(v, vc[0, :4])
+
+
+def test_compact_tokens_unchecked_lengths_stay_in_own_blocks():
+    # seq_lens[0] = 8 but its table row holds one block of 4 tokens: tokens 4.. would be looked up one
+    # entry past the row, i.e. in sequence 1's row, and compaction would write into sequence 1's block.
+    kc, vc, base = make_kv(4, 4, 2, 16, torch.float32, "arena")
+    bt = torch.tensor([[0], [1]], dtype=torch.int32)
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[0, 0] = False
+    expect = base.clone()
+    new_ref = ref.compact_tokens(*views_of(expect, "arena"), bt, torch.tensor([4, 4]), keep)
+    new = torch.ops.kvtriton.compact_tokens(kc, vc, bt, torch.tensor([8, 4], dtype=torch.int32), keep)
+    assert torch.equal(new, new_ref) and torch.equal(base, expect)
 
 
 # ---------------------------------------------------------------------------------------------------

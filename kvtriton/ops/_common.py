@@ -15,6 +15,10 @@ Stable API (other op modules import these):
 - ``check_cache(name, t, *, ndim=4)``: a cache tensor whose last dimension is contiguous.
 - ``check_kv_cache(key_cache, value_cache)`` -> ``(num_blocks, block_size, num_kv_heads, head_dim)``
 - ``check_index(name, t, dtypes=INDEX_DTYPES, *, ndim=1, device=None)``
+- ``as_index(t)``: ``t`` in the layout the kernels address (unit stride on the last dimension); a
+  contiguous copy only when it is not. Every op applies it to every index argument at its public entry
+  (before the value checks, so checks and kernel read the same tensor) and again in its registered op.
+- ``unit_last_stride(t)`` -> bool
 - ``check_same_device(**tensors)``
 - ``values_checkable(*tensors)`` -> bool
 - ``check_range(name, t, low, high)``: ``low <= t < high`` (IndexError), when ``values_checkable``.
@@ -22,6 +26,7 @@ Stable API (other op modules import these):
 - ``custom_op(name, *, mutates_args)``: ``torch.library.custom_op`` in the ``kvtriton`` namespace, as a
   ``KVOp`` (eager CUDA calls skip the dispatcher).
 - ``block_layout(shape, *strides)``: collapse a per-block layout to ``[rows, cols]`` for the copy kernels.
+- ``needs_i64_heads(H, D, *tensors)``: whether ``head * stride(-2) + d`` can pass 2^31 in any tensor.
 - ``device_guard(t)``: context making ``t``'s CUDA device current while a kernel launches.
 - ``next_pow2(n)``
 """
@@ -91,6 +96,26 @@ def check_index(name: str, t, dtypes: Sequence[torch.dtype] = INDEX_DTYPES, *, n
                 device: torch.device | None = None) -> None:
     """An index tensor: integer dtype in ``dtypes`` (int32/int64 by default), ``ndim`` dims."""
     check_tensor(name, t, ndim=ndim, dtypes=dtypes, device=device)
+
+
+def unit_last_stride(t: torch.Tensor) -> bool:
+    """Whether consecutive elements of ``t``'s last dimension are consecutive in memory."""
+    return t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+def as_index(t):
+    """``t`` itself when its last dimension has unit stride, else ``t.contiguous()``.
+
+    The kernels read an index tensor (slot mapping, block ids, lengths: 1-D) as ``ptr + i``, and a
+    block table's row as ``ptr + row * stride(0) + j``: a view with any other last-dimension stride
+    (``t[::2]``, a column of a matrix, ``x.t()`` of a ``[max_blocks, batch]`` tensor, an expanded
+    tensor) would be read as different values. Offset views (``t[1:]``) and padded rows keep their
+    layout: the kernels take the data pointer and the row stride. Non-tensors pass through (the checks
+    that follow name them).
+    """
+    if isinstance(t, torch.Tensor) and not unit_last_stride(t):
+        return t.contiguous()
+    return t
 
 
 def check_same_device(**tensors) -> None:
@@ -219,6 +244,12 @@ def block_layout(shape: Sequence[int], *strides: Sequence[int]) -> tuple[int, in
     if len(merged) == 1:
         return 1, merged[0][0], [0] * len(strides)
     return merged[0][0], merged[1][0], list(merged[0][1])
+
+
+def needs_i64_heads(num_heads: int, head_dim: int, *tensors: torch.Tensor) -> bool:
+    """Whether a within-token offset ``head * t.stride(-2) + d`` can pass 2^31 in one of ``tensors``
+    (``[..., num_heads, head_dim]``; e.g. a cache stored heads-outermost and permuted to NHD)."""
+    return any((num_heads - 1) * abs(t.stride(-2)) + head_dim >= 2**31 for t in tensors)
 
 
 def device_guard(t: torch.Tensor):

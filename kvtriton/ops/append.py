@@ -7,8 +7,8 @@ import torch
 
 from . import reference
 from ._backend import HAS_TRITON, use_triton
-from ._common import (check_cache, check_index, check_kv_cache, check_range, custom_op, device_guard,
-                      values_checkable)
+from ._common import (as_index, check_cache, check_index, check_kv_cache, check_range, custom_op,
+                      device_guard, needs_i64_heads, unit_last_stride, values_checkable)
 from .gather import token_tile
 
 if HAS_TRITON:
@@ -20,7 +20,8 @@ if HAS_TRITON:
                           block_size, H, D,
                           k_st, k_sh, v_st, v_sh,
                           kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh,
-                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                          I64_HEADS: tl.constexpr):
         # One program per BLOCK_T tokens x BLOCK_H heads: a [BLOCK_T, BLOCK_H, BLOCK_D] tile of K and
         # one of V, each row a contiguous head_dim run, so loads and stores are full-width vectors.
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -35,7 +36,10 @@ if HAS_TRITON:
         m = t_mask[:, None, None] & ((h < H)[:, None] & (d < D)[None, :])[None, :, :]
         t64 = t.to(tl.int64)
         # Token bases in int64 (block id * block stride passes 2^31 in a large arena); the within-token
-        # part (head * stride + d) stays int32.
+        # part (head * stride + d) stays int32 unless a head stride makes it pass 2^31 (heads-outermost
+        # layouts): I64_HEADS, chosen on the host.
+        if I64_HEADS:
+            h = h.to(tl.int64)
         k_in = key_ptr + (t64 * k_st)[:, None, None] + ((h * k_sh)[:, None] + d[None, :])[None, :, :]
         v_in = value_ptr + (t64 * v_st)[:, None, None] + ((h * v_sh)[:, None] + d[None, :])[None, :, :]
         kc = kc_ptr + (blk * kc_sb + off * kc_st)[:, None, None] + ((h * kc_sh)[:, None] + d[None, :])[None, :, :]
@@ -61,7 +65,10 @@ def _launch_params(num_tokens: int, H: int, D: int) -> tuple[int, int, int, int]
 @custom_op("append_kv", mutates_args=("key_cache", "value_cache"))
 def _append_kv_op(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                   slot_mapping: torch.Tensor) -> None:
-    if not use_triton(key_cache):
+    # Called directly (torch.ops.kvtriton.append_kv, opcheck, torch.compile) nothing has been normalised:
+    # the kernel needs a unit stride on the last dimension of every tensor it addresses.
+    slot_mapping = as_index(slot_mapping)
+    if not use_triton(key_cache) or not (unit_last_stride(key_cache) and unit_last_stride(value_cache)):
         reference.append_kv(key, value, key_cache, value_cache, slot_mapping)
         return
     num_tokens = key.shape[0]
@@ -71,6 +78,8 @@ def _append_kv_op(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
     # Mixed dtypes are cast by PyTorch first (one extra pass, off the usual path): Triton's interpreter
     # truncates fp32 -> bf16 where the GPU and PyTorch round to nearest even, and results must match.
     key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)
+    key = key if unit_last_stride(key) else key.contiguous()
+    value = value if unit_last_stride(value) else value.contiguous()
     block_t, block_h, block_d, num_warps = _launch_params(num_tokens, H, D)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(H, block_h))
     with device_guard(key_cache):
@@ -80,7 +89,8 @@ def _append_kv_op(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
             value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps)
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+            I64_HEADS=needs_i64_heads(H, D, key, value, key_cache, value_cache), num_warps=num_warps)
 
 
 @_append_kv_op.register_fake
@@ -98,6 +108,7 @@ def append_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, v
     ``slot = block * block_size + offset``; a negative slot is padding and is skipped. Slots must be
     distinct (two tokens written to one slot leave it undefined).
     """
+    slot_mapping = as_index(slot_mapping)
     num_blocks, block_size, H, D = check_kv_cache(key_cache, value_cache)
     check_cache("key", key, ndim=3)
     check_cache("value", value, ndim=3)

@@ -29,7 +29,8 @@ import torch
 
 from . import reference as _ref
 from ._backend import HAS_TRITON, use_triton
-from ._common import check_block_tables, check_cache, check_same_device, check_tensor, custom_op
+from ._common import (as_index, check_block_tables, check_cache, check_same_device, check_tensor, custom_op,
+                      unit_last_stride)
 
 if HAS_TRITON:
     import triton
@@ -38,11 +39,14 @@ else:  # pragma: no cover - platforms without triton run the reference only
     triton = None
     tl = None
 
-__all__ = ["paged_decode_attention", "decode_launch_config", "DecodeLaunchConfig"]
+__all__ = ["paged_decode_attention", "decode_launch_config", "DecodeLaunchConfig", "MAX_SCALE"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 128
+# Largest accepted softmax scale. Real models use 1/sqrt(head_dim) or thereabouts (<= ~1); at 1e4 no
+# float16 input can overflow a float32 score (|q.k| <= 256 * 65504^2 ~ 1.1e12, times 1e4 * log2(e)).
+MAX_SCALE = 1e4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,7 +145,7 @@ if HAS_TRITON:
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
         stride_btb,
-        num_kv_heads, max_blocks, num_splits, window,
+        num_kv_heads, max_blocks, num_splits, window, num_blocks,
         scale_log2,
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -185,19 +189,28 @@ if HAS_TRITON:
             logical = t // BLOCK_SIZE
             phys = tl.load(bt_row + logical, mask=t < n, other=0).to(tl.int64)
             slot = (t % BLOCK_SIZE).to(tl.int64)
+            # Block ids out of range are not followed (on CUDA they are checked only under
+            # debug_checks(), and a bad id must not become a read outside the cache): such a token
+            # reads K = V = 0.
+            kv_ok = valid & (phys >= 0) & (phys < num_blocks)
             k = tl.load(K + (phys * stride_kb + slot * stride_kt + k_head)[:, None] + d[None, :],
-                        mask=valid[:, None], other=0.0)
+                        mask=kv_ok[:, None], other=0.0)
             if F32_DOT:
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
-            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))        # finite: every visited tile has a valid token
+            s = s * scale_log2
+            # Non-finite scores poison their row (out and lse NaN, see paged_decode_attention): NaN and
+            # +inf do by themselves (through p = exp2(s - m)); -inf would pass for a masked token.
+            s = tl.where(s == float("-inf"), float("nan"), s)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            # Finite (or NaN/+inf, which poison l_i and acc): every visited tile has a valid token.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + (phys * stride_vb + slot * stride_vt + v_head)[:, None] + d[None, :],
-                        mask=valid[:, None], other=0.0)
+                        mask=kv_ok[:, None], other=0.0)
             if F32_DOT:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -223,12 +236,14 @@ if HAS_TRITON:
             tl.store(PL + ps, l_i, mask=g_mask)
             tl.store(PACC + ps[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
         else:
-            nonempty = l_i > 0
-            inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
+            # l == 0: no token attended (out 0, lse -inf). A NaN l (a non-finite score) is not "empty"
+            # and stays NaN through 1/l and log2(l).
+            empty = l_i == 0
+            inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
             out = acc * inv[:, None]
             tl.store(O + bh[:, None] * HEAD_DIM + d[None, :], out.to(O.dtype.element_ty),
                      mask=g_mask[:, None])
-            l_safe = tl.where(nonempty, l_i, 1.0)
+            l_safe = tl.where(empty, 1.0, l_i)
             if FAST_LOG2:
                 # libdevice's log2 here costs ~50 registers across the whole loop (sm_90: 158 vs 96),
                 # which drops occupancy from 4 to 3 programs per SM; lg2.approx is accurate to ~2^-22.
@@ -236,7 +251,7 @@ if HAS_TRITON:
                                                    dtype=tl.float32, is_pure=True, pack=1)
             else:
                 log2_l = tl.log2(l_safe)
-            lse = tl.where(nonempty, (m_i + log2_l) * 0.6931471805599453, float("-inf"))
+            lse = tl.where(empty, float("-inf"), (m_i + log2_l) * 0.6931471805599453)
             tl.store(LSE + bh, lse, mask=g_mask)
 
     @triton.jit
@@ -254,19 +269,20 @@ if HAS_TRITON:
         m_all = tl.load(PM + base + sp, mask=sp < num_splits, other=float("-inf"))
         l_all = tl.load(PL + base + sp, mask=sp < num_splits, other=0.0)
         m = tl.max(m_all, 0)
-        nonempty = m > float("-inf")                      # every split empty: zeros and lse = -inf
-        m_safe = tl.where(nonempty, m, 0.0)
+        m_safe = tl.where(m > float("-inf"), m, 0.0)      # every split empty (or m NaN): 0
         w_all = tl.where(m_all > float("-inf"), tl.exp2(m_all - m_safe), 0.0)
+        # A split that met a non-finite score has l = NaN, and NaN * w is NaN even for w = 0, so l
+        # is NaN then; l == 0 means every split was empty: zeros and lse = -inf.
         l = tl.sum(l_all * w_all, 0)
-        nonempty = nonempty & (l > 0)
+        empty = l == 0
         acc = tl.zeros([HEAD_DIM], tl.float32)
         for s in range(num_splits):
             ms = tl.load(PM + base + s)
             w = tl.where(ms > float("-inf"), tl.exp2(ms - m_safe), 0.0)
             acc += w * tl.load(PACC + (base + s) * HEAD_DIM + d)
-        inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l, 1.0), 0.0)
+        inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l))
         tl.store(O + bh * HEAD_DIM + d, (acc * inv).to(O.dtype.element_ty))
-        lse2 = tl.where(nonempty, m_safe + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
+        lse2 = tl.where(empty, float("-inf"), m_safe + tl.log2(tl.where(empty, 1.0, l)))
         tl.store(LSE + bh, lse2 * 0.6931471805599453)
 
         if WRITE_MASS:
@@ -281,7 +297,7 @@ if HAS_TRITON:
                 live = (blk >= blk_lo) & (blk < blk_hi)
                 pm = tl.load(MASS + row + blk, mask=live, other=0.0)
                 mr = tl.load(MREF + row + blk, mask=live, other=0.0)
-                val = tl.where(live, pm * tl.exp2(mr - tl.where(nonempty, lse2, 0.0)), 0.0)
+                val = tl.where(live, pm * tl.exp2(mr - tl.where(empty, 0.0, lse2)), 0.0)
                 tl.store(MASS + row + blk, val, mask=blk < max_blocks)
 
 
@@ -319,7 +335,7 @@ def _launch(q, key_cache, value_cache, block_tables, seq_lens, scale, window, wa
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0),
-        hkv, max_blocks, cfg.num_splits, window,
+        hkv, max_blocks, cfg.num_splits, window, key_cache.shape[0],
         float(scale) * _LOG2E,
         GROUP=group, G_PAD=cfg.group_pad, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
         SPLIT=split, WRITE_MASS=want_mass,
@@ -349,7 +365,12 @@ def _paged_decode_attention_op(q: torch.Tensor, key_cache: torch.Tensor, value_c
                                sliding_window: int, return_block_mass: bool,
                                num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     window = int(sliding_window)
-    if use_triton(q):
+    # Called directly (torch.ops.kvtriton.*, opcheck, torch.compile) nothing has been normalised: the
+    # kernel needs unit last strides on q, the caches, the block table and the lengths.
+    block_tables, seq_lens = as_index(block_tables), as_index(seq_lens)
+    if not unit_last_stride(q):
+        q = q.contiguous()
+    if use_triton(q) and unit_last_stride(key_cache) and unit_last_stride(value_cache):
         return _launch(q, key_cache, value_cache, block_tables, seq_lens, scale, window,
                        return_block_mass, num_splits if num_splits > 0 else None)
     # Reference path: float64 for float32 inputs (exact to the 1e-5 contract), float32 otherwise.
@@ -404,8 +425,9 @@ def _validate(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_
         raise ValueError(f"block_tables must be [batch={batch}, max_blocks], got shape {tuple(block_tables.shape)}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-                or scale <= 0:
-            raise ValueError(f"scale must be a finite float > 0 (or None for 1/sqrt(head_dim)), got {scale!r}")
+                or not 0 < scale <= MAX_SCALE:
+            raise ValueError(f"scale must be a float in (0, {MAX_SCALE:g}] (or None for 1/sqrt(head_dim)), "
+                             f"got {scale!r}")
     if sliding_window is not None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
             raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
@@ -436,15 +458,22 @@ def paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, *,
         num_splits: force the split-KV factor (default: chosen by :func:`decode_launch_config`).
 
     Returns ``out`` ``[batch, num_q_heads, head_dim]`` in q's dtype, or ``(out, lse?, block_mass?)``.
+
+    Non-finite values. Scores ``q.k * scale`` are formed in float32; ``scale`` must lie in
+    ``(0, MAX_SCALE]`` (1e4; ValueError otherwise). If any score a query head attends to is not finite
+    (NaN or +-inf in ``q`` or in an attended key, or ``q.k`` or ``q.k * scale * log2(e)`` beyond float32's
+    range), that head's ``out`` and ``lse`` are NaN, and so is its ``block_mass`` on the blocks it
+    attends to; other heads and sequences are unaffected. Both paths (kernel and reference) follow this
+    rule, with no host sync. NaN or inf in an attended value ``v`` propagates into ``out`` as IEEE
+    arithmetic gives. Nothing here turns a NaN into a number or into ``lse = -inf`` (which means "no
+    token attended").
     """
+    block_tables, seq_lens = as_index(block_tables), as_index(seq_lens)
     _validate(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, num_splits)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if q.stride(-1) != 1:
+    if not unit_last_stride(q):
         q = q.contiguous()
-    if block_tables.stride(-1) != 1:
-        block_tables = block_tables.contiguous()
-    seq_lens = seq_lens.contiguous()
     out, lse, mass = _paged_decode_attention_op(
         q, key_cache, value_cache, block_tables, seq_lens, float(scale),
         0 if sliding_window is None else int(sliding_window), bool(return_block_mass),

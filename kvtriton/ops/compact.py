@@ -29,8 +29,8 @@ import torch
 
 from . import reference
 from ._backend import HAS_TRITON, use_triton
-from ._common import (check_block_tables, check_kv_cache, check_range, check_tensor, custom_op, device_guard,
-                      next_pow2, values_checkable)
+from ._common import (as_index, check_block_tables, check_kv_cache, check_range, check_tensor, custom_op,
+                      device_guard, needs_i64_heads, next_pow2, unit_last_stride, values_checkable)
 
 if HAS_TRITON:
     import triton
@@ -40,11 +40,14 @@ if HAS_TRITON:
     def _compact_kernel(kc_ptr, vc_ptr, block_tables_ptr, dst_pos_ptr, start_ptr, end_ptr,
                         bt_stride, max_tokens, num_blocks, block_size, H, D,
                         kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh,
-                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                        I64_HEADS: tl.constexpr):
         b = tl.program_id(0)
         start = tl.load(start_ptr + b)
         end = tl.load(end_ptr + b)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        if I64_HEADS:  # head * stride passes 2^31 (see append_kv)
+            h = h.to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         hd_mask = (h < H)[:, None] & (d < D)[None, :]
         k_inner = (h * kc_sh)[:, None] + d[None, :]
@@ -87,7 +90,8 @@ def _launch_params(batch: int, H: int, D: int, device: torch.device) -> tuple[in
 @custom_op("compact_tokens", mutates_args=("key_cache", "value_cache"))
 def _compact_tokens_op(key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
                        seq_lens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    if not use_triton(key_cache):
+    block_tables, seq_lens = as_index(block_tables), as_index(seq_lens)
+    if not use_triton(key_cache) or not (unit_last_stride(key_cache) and unit_last_stride(value_cache)):
         return reference.compact_tokens(key_cache, value_cache, block_tables, seq_lens, keep)
     batch, max_tokens = keep.shape
     device = key_cache.device
@@ -95,7 +99,9 @@ def _compact_tokens_op(key_cache: torch.Tensor, value_cache: torch.Tensor, block
     if batch == 0 or max_tokens == 0:
         return torch.zeros(batch, dtype=torch.int32, device=device)
     pos = torch.arange(max_tokens, device=device)
-    end = seq_lens.to(torch.int64).clamp(0, max_tokens)
+    # Lengths past the table row would read the next row's block ids (another sequence's blocks) as
+    # this sequence's: on CUDA they are range-checked only under debug_checks(), so clamp here too.
+    end = seq_lens.to(torch.int64).clamp(0, min(max_tokens, block_tables.shape[1] * block_size))
     kept = keep & (pos[None, :] < end[:, None])
     dest = torch.cumsum(kept, 1, dtype=torch.int32) - 1
     new_lens = kept.sum(1, dtype=torch.int32)
@@ -111,7 +117,8 @@ def _compact_tokens_op(key_cache: torch.Tensor, value_cache: torch.Tensor, block
                 block_tables.stride(0), max_tokens, num_blocks, block_size, H, D,
                 key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                 value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-                BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps)
+                BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+                I64_HEADS=needs_i64_heads(H, D, key_cache, value_cache), num_warps=num_warps)
     return new_lens
 
 
@@ -133,6 +140,8 @@ def compact_tokens(key_cache: torch.Tensor, value_cache: torch.Tensor, block_tab
     Returns new_seq_lens int32 ``[batch]``. Slots past the new length keep their old contents; the blocks
     past ``ceil(new_len / block_size)`` can be freed.
     """
+    # keep is only read by PyTorch ops (any layout); the tables and lengths reach the kernel.
+    block_tables, seq_lens = as_index(block_tables), as_index(seq_lens)
     num_blocks, block_size, _, _ = check_kv_cache(key_cache, value_cache)
     batch, max_blocks = check_block_tables(block_tables, seq_lens, block_size=block_size,
                                            num_blocks=num_blocks, device=key_cache.device)

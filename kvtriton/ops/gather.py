@@ -15,9 +15,9 @@ import torch
 
 from . import reference
 from ._backend import HAS_TRITON, use_triton
-from ._common import (block_layout, check_block_tables, check_cache, check_index, check_kv_cache,
-                      check_range, check_same_device, custom_op, device_guard, next_pow2,
-                      values_checkable)
+from ._common import (as_index, block_layout, check_block_tables, check_cache, check_index,
+                      check_kv_cache, check_range, check_same_device, custom_op, device_guard,
+                      needs_i64_heads, next_pow2, unit_last_stride, values_checkable)
 
 if HAS_TRITON:
     import triton
@@ -65,9 +65,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _gather_kv_kernel(kc_ptr, vc_ptr, k_out_ptr, v_out_ptr, block_tables_ptr, seq_lens_ptr, cu_ptr,
-                          max_blocks, bt_stride, num_blocks, block_size, H, D,
+                          num_tokens, max_blocks, bt_stride, num_blocks, block_size, H, D,
                           kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh,
-                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                          I64_HEADS: tl.constexpr):
         # One program per (sequence, logical block) x head tile; programs past a sequence's end exit.
         pid = tl.program_id(0)
         b = pid // max_blocks
@@ -80,6 +81,8 @@ if HAS_TRITON:
                 ntok = tl.minimum(n - start, block_size)
                 row0 = tl.load(cu_ptr + b).to(tl.int64) + start
                 h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+                if I64_HEADS:  # head * stride passes 2^31 (see append_kv)
+                    h = h.to(tl.int64)
                 dd = tl.arange(0, BLOCK_D)
                 hd_mask = (h < H)[:, None] & (dd < D)[None, :]
                 k_inner = (h * kc_sh)[:, None] + dd[None, :]
@@ -89,11 +92,15 @@ if HAS_TRITON:
                 v_blk = vc_ptr + phys * vc_sb
                 for t0 in range(0, ntok, BLOCK_T):
                     t = t0 + tl.arange(0, BLOCK_T)
-                    m = (t < ntok)[:, None, None] & hd_mask[None, :, :]
                     t64 = t.to(tl.int64)
+                    # Rows outside [0, num_tokens) are skipped: on CUDA, lengths are checked against
+                    # num_tokens only under debug_checks(), and a bad length must never become a wild
+                    # store (negative lengths make cu_seqlens, hence row0, negative).
+                    row = row0 + t64
+                    m = ((t < ntok) & (row >= 0) & (row < num_tokens))[:, None, None] & hd_mask[None, :, :]
                     k = tl.load(k_blk + (t64 * kc_st)[:, None, None] + k_inner[None, :, :], mask=m)
                     v = tl.load(v_blk + (t64 * vc_st)[:, None, None] + v_inner[None, :, :], mask=m)
-                    o = ((row0 + t64) * (H * D))[:, None, None] + o_inner[None, :, :]
+                    o = (row * (H * D))[:, None, None] + o_inner[None, :, :]
                     tl.store(k_out_ptr + o, k, mask=m)
                     tl.store(v_out_ptr + o, v, mask=m)
 
@@ -139,6 +146,11 @@ def launch_block_copy(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tenso
     return True
 
 
+def _empty(shape, dtype, device):
+    """Allocation of every output of this module's ops (one place, so tests can poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def token_tile(H: int, D: int, tile: int = 4096) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_D, BLOCK_T) for per-token copies: about ``tile`` elements per program-step."""
     block_d = next_pow2(D)
@@ -153,15 +165,16 @@ def token_tile(H: int, D: int, tile: int = 4096) -> tuple[int, int, int]:
 @custom_op("gather_kv", mutates_args=())
 def _gather_kv_op(key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
                   seq_lens: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    block_tables, seq_lens = as_index(block_tables), as_index(seq_lens)
     batch = seq_lens.shape[0]
     _, block_size, H, D = key_cache.shape
     cu = torch.zeros(batch + 1, dtype=torch.int32, device=key_cache.device)
     torch.cumsum(seq_lens, 0, dtype=torch.int32, out=cu[1:])
-    if not use_triton(key_cache):
+    if not use_triton(key_cache) or not (unit_last_stride(key_cache) and unit_last_stride(value_cache)):
         key, value, _ = reference.gather_kv(key_cache, value_cache, block_tables, seq_lens)
         return key, value, cu
-    key = key_cache.new_empty((num_tokens, H, D))
-    value = value_cache.new_empty((num_tokens, H, D))
+    key = _empty((num_tokens, H, D), key_cache.dtype, key_cache.device)
+    value = _empty((num_tokens, H, D), value_cache.dtype, value_cache.device)
     max_blocks = block_tables.shape[1]
     if batch and max_blocks and num_tokens:
         # 8192-element steps (16 KiB of K and of V in bf16): a 16-token block of 8 x 128 heads takes two.
@@ -172,10 +185,11 @@ def _gather_kv_op(key_cache: torch.Tensor, value_cache: torch.Tensor, block_tabl
         with device_guard(key_cache):
             _gather_kv_kernel[grid](
                 key_cache, value_cache, key, value, block_tables, seq_lens, cu,
-                max_blocks, block_tables.stride(0), key_cache.shape[0], block_size, H, D,
+                num_tokens, max_blocks, block_tables.stride(0), key_cache.shape[0], block_size, H, D,
                 key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                 value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-                BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps)
+                BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+                I64_HEADS=needs_i64_heads(H, D, key_cache, value_cache), num_warps=num_warps)
     return key, value, cu
 
 
@@ -188,6 +202,7 @@ def _(key_cache, value_cache, block_tables, seq_lens, num_tokens):
 
 @custom_op("gather_blocks", mutates_args=("out",))
 def _gather_blocks_op(cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor) -> None:
+    block_ids = as_index(block_ids)
     n = block_ids.shape[0]
     if use_triton(cache) and launch_block_copy(cache, out, block_ids, None, n):
         return
@@ -201,6 +216,7 @@ def _(cache, block_ids, out):
 
 @custom_op("scatter_blocks", mutates_args=("cache",))
 def _scatter_blocks_op(cache: torch.Tensor, block_ids: torch.Tensor, blocks: torch.Tensor) -> None:
+    block_ids = as_index(block_ids)
     n = block_ids.shape[0]
     # Cast by PyTorch (rounds to nearest even everywhere, unlike the interpreter's fp32 -> bf16).
     if use_triton(cache) and launch_block_copy(blocks.to(cache.dtype), cache, None, block_ids, n):
@@ -227,6 +243,7 @@ def gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: 
     Returns ``(key, value, cu_seqlens)``: key/value ``[num_tokens, num_kv_heads, head_dim]`` in the
     cache dtype, sequence b at rows ``cu_seqlens[b]:cu_seqlens[b+1]``; cu_seqlens int32 ``[batch+1]``.
     """
+    block_tables, seq_lens = as_index(block_tables), as_index(seq_lens)
     num_blocks, block_size, _, _ = check_kv_cache(key_cache, value_cache)
     check_block_tables(block_tables, seq_lens, block_size=block_size, num_blocks=num_blocks,
                        device=key_cache.device)
@@ -254,11 +271,12 @@ def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, *, out: torch.Te
     int32/int64 ``[n]``. Returns (or fills ``out``, which it then returns) ``[n, *cache.shape[1:]]``
     in the cache dtype.
     """
+    block_ids = as_index(block_ids)
     check_cache("cache", cache, ndim=None)
     _check_block_ids("block_ids", block_ids, cache)
     shape = (block_ids.shape[0], *cache.shape[1:])
     if out is None:
-        out = cache.new_empty(shape)
+        out = _empty(shape, cache.dtype, cache.device)
     else:
         check_cache("out", out, ndim=None)
         check_same_device(cache=cache, out=out)
@@ -277,6 +295,7 @@ def scatter_blocks(cache: torch.Tensor, block_ids: torch.Tensor, blocks: torch.T
     ``[n]``, distinct. blocks: ``[n, *cache.shape[1:]]``, any dtype castable to the cache's, last
     dimension contiguous.
     """
+    block_ids = as_index(block_ids)
     check_cache("cache", cache, ndim=None)
     _check_block_ids("block_ids", block_ids, cache)
     check_cache("blocks", blocks, ndim=None)

@@ -17,7 +17,7 @@ import torch
 
 from . import reference
 from ._backend import use_triton
-from ._common import check_cache, check_index, custom_op, values_checkable
+from ._common import as_index, check_cache, check_index, custom_op, values_checkable
 from .gather import launch_block_copy
 
 
@@ -43,6 +43,7 @@ def check_move_plan(src: torch.Tensor, dst: torch.Tensor) -> None:
 
 @custom_op("move_blocks", mutates_args=("cache",))
 def _move_blocks_op(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    src, dst = as_index(src), as_index(dst)
     if use_triton(cache) and launch_block_copy(cache, cache, src, dst, src.shape[0], skip_same=True):
         return
     reference.move_blocks(cache, src, dst)
@@ -65,6 +66,8 @@ def move_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
     ``validate``: check ids and the overlap rule. None (default): when that needs no device sync (CPU
     ids, or ``debug_checks()``); True: always (syncs on CUDA); False: never.
     """
+    # Normalised before the checks: the plan that is checked is the plan the kernel reads.
+    src, dst = as_index(src), as_index(dst)
     check_cache("cache", cache, ndim=None)
     check_index("src", src, device=cache.device)
     check_index("dst", dst, device=cache.device)

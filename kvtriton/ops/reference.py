@@ -90,7 +90,9 @@ def paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, *,
                            compute_dtype=torch.float64):
     """Decode attention of one query token per sequence over its paged K/V.
 
-    q ``[batch, num_q_heads, head_dim]``; out has q's shape and dtype. With ``sliding_window=w`` a
+    q ``[batch, num_q_heads, head_dim]``; out has q's shape and dtype. A head with a non-finite score
+    (``q.k`` or ``q.k * scale * log2(e)`` not finite in float32) gets NaN out, lse and mass (on the blocks
+    it attends to). With ``sliding_window=w`` a
     query attends to the last ``w`` tokens of its sequence. ``lse`` float32 ``[batch, num_q_heads]`` is
     the natural-log log-sum-exp of the scaled scores (-inf for an empty sequence). ``block_mass`` float32
     ``[batch, num_q_heads, max_blocks]`` is the attention probability summed over each logical block's
@@ -116,7 +118,12 @@ def paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, *,
         v = value_cache[blk, t % block_size].to(compute_dtype)
         k = k.repeat_interleave(group, dim=1)                        # [n, hq, d]
         v = v.repeat_interleave(group, dim=1)
-        s = torch.einsum("hd,nhd->hn", q[b].to(compute_dtype), k) * scale
+        qk = torch.einsum("hd,nhd->hn", q[b].to(compute_dtype), k)
+        s = qk * scale
+        # The kernels form scores in float32 (scaled by log2(e) for exp2): a head with a score that is
+        # not finite there (NaN/inf inputs, or overflow) gets NaN out, lse and block mass.
+        bad = ~(torch.isfinite(qk.float()) & torch.isfinite((s * 1.4426950408889634).float())).all(-1)
+        s = s.masked_fill(bad[:, None], float("nan"))
         lse[b] = torch.logsumexp(s, dim=-1).float()
         p = torch.softmax(s, dim=-1)
         out[b] = torch.einsum("hn,nhd->hd", p, v)
@@ -128,3 +135,54 @@ def paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, *,
     if return_block_mass:
         extra.append(mass)
     return (out, *extra) if extra else out
+
+
+def paged_prefill_attention(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, *, scale=None,
+                            sliding_window=None, return_lse=False, compute_dtype=torch.float64):
+    """Causal attention of packed query chunks over their sequences' paged K/V (chunked prefill).
+
+    q ``[total_q, num_q_heads, head_dim]``, chunk ``b`` is ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]``; its K/V
+    are already in the pages, so ``seq_lens[b]`` counts prefix plus chunk. Query ``i`` of a chunk of ``n``
+    tokens sits at position ``p = seq_lens[b] - n + i`` and attends to keys ``t <= p`` (and ``t > p - w``
+    with ``sliding_window=w``). out has q's shape and dtype; ``lse`` float32 ``[total_q, num_q_heads]`` is
+    the natural-log log-sum-exp of the scaled scores (-inf where a query sees no key, out 0 there). A
+    query head with an attended score that is not finite in float32 gets NaN out and lse. Computed in
+    ``compute_dtype`` (float64 by default).
+    """
+    total_q, hq, d = q.shape
+    block_size, hkv = key_cache.shape[1], key_cache.shape[2]
+    group = hq // hkv if hkv else 0
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    out = torch.zeros(total_q, hq, d, dtype=compute_dtype, device=q.device)
+    lse = torch.full((total_q, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    cu = cu_seqlens_q.long().tolist()
+    for b in range(block_tables.shape[0]):
+        q0, q1 = cu[b], cu[b + 1]
+        n, length = q1 - q0, int(seq_lens[b])
+        if n <= 0 or length <= 0:
+            continue
+        pos = torch.arange(length - n, length, device=q.device)                    # [n]
+        t = torch.arange(length, device=q.device)
+        blk = block_tables[b].long()[t // block_size]
+        k = key_cache[blk, t % block_size].to(compute_dtype)                         # [L, hkv, d]
+        v = value_cache[blk, t % block_size].to(compute_dtype)
+        qb = q[q0:q1].to(compute_dtype).reshape(n, hkv, group, d)
+        qk = torch.einsum("ikgd,tkd->kgit", qb, k)                                   # [hkv, g, n, L]
+        s = qk * scale
+        valid = t[None, :] <= pos[:, None]
+        if sliding_window is not None:
+            valid &= t[None, :] > pos[:, None] - int(sliding_window)
+        # As in paged_decode_attention: a query head with an attended score that is not finite in
+        # float32 (scaled by log2(e), as the kernels form it) gets NaN out and lse.
+        finite = torch.isfinite(qk.float()) & torch.isfinite((s * 1.4426950408889634).float())
+        bad = (valid & ~finite).any(-1)
+        s = s.masked_fill(~valid, float("-inf")).masked_fill(bad[..., None], float("nan"))
+        row_lse = torch.logsumexp(s, dim=-1)                                         # [hkv, g, n]
+        # exp(s - lse), 0 where a row sees no key; NaN rows stay NaN.
+        p = torch.where(torch.isneginf(row_lse)[..., None], 0.0, torch.exp(s - row_lse[..., None]))
+        o = torch.einsum("kgit,tkd->ikgd", p, v)
+        out[q0:q1] = o.reshape(n, hq, d)
+        lse[q0:q1] = row_lse.permute(2, 0, 1).reshape(n, hq).float()
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
