@@ -78,7 +78,7 @@ GROUPS = ["model", "pool", "policy", "workload", "replay", "logger", "telemetry"
 def test_compose_every_option(group, hydra_conf, fake_traces):
     options = _options(group)
     assert options, f"conf/{group} is empty"
-    needs = {("model", "per_request"): ["pool=budget"], ("policy", "belady"): ["replay=fast"]}
+    needs = {("model", "per_request"): ["pool=budget", "workload=design_mix"], ("policy", "belady"): ["replay=fast"]}
     for opt in options:
         cfg = compose(config_name="config", overrides=[f"{group}={opt}"] + needs.get((group, opt), []))
         validate(cfg)
@@ -165,12 +165,38 @@ BAD = [
     ("pool.compaction_threshold=1.5", ["pool.compaction_threshold", "[0, 1)"]),
     ("policy=belady", ["policy.name='belady'", "replay=fast", "s3fifo"]),  # device replay: no oracle
     ("model=per_request", ["pool.budget_mb", "pool=budget"]),
+    # unknown keys: a typo must not run with the default
+    ("+pool.capacity_block=100", ["pool.capacity_block", "capacity_blocks"]),
+    ("+replay.max_request=5", ["replay.max_request", "max_requests"]),
+    ("+polcy=lru", ["polcy", "policy"]),
+    (["replay=fast", "+replay.params.ordr=forward"], ["replay.params.ordr", "order"]),
+    ("+replay.params.nosuch=1", ["replay.params.nosuch", "step_time_s"]),  # device replay
+    ("+replay.params.max_batch=4", ["replay.params.max_batch", "replay.max_batch"]),
+    ("+workload.params.num_request=5", ["workload.params.num_request", "num_requests", "zipf_alpha"]),
+    (["workload=mooncake_conversation", "+workload.params.limit=5"], ["workload.params.limit", "replay.max_requests"]),
+    ("+workload.params.seed=3", ["workload.params.seed", "workload.seed"]),
+    (["policy=s3fifo", "+policy.params.small_ratoi=0.2"], ["policy.params.small_ratoi", "small_ratio"]),
+    (["policy=lru", "+policy.params.capacity=5"], ["policy.params.capacity", "pool.capacity_blocks"]),
+    # values the library would refuse only once the run has started
+    ("workload.params.num_requests=-5", ["workload.params.num_requests", "-5", ">= 1"]),
+    ("workload.params.zipf_alpha=-1", ["workload.params.zipf_alpha", "-1"]),
+    (["replay=fast", "+replay.params.order=sideways"], ["replay.params.order", "sideways", "prefix", "forward"]),
+    ("+replay.params.step_time_s=-1", ["replay.params.step_time_s", "-1"]),
+    (["policy=s3fifo", "policy.params.small_ratio=7"], ["policy.params.small_ratio", "(0, 1)"]),
+    (["model=per_request", "pool=budget"], ["model.preset", "workload=design_mix"]),
+    (["replay=fast", "pool.capacity_blocks=1"], ["pool.capacity_blocks=1", "at least"]),
+    ("pool.capacity_blocks=2", ["pool.capacity_blocks=2", "at least", "replay.max_input_tokens"]),
+    (["pool=budget", "pool.budget_mb=0.001"], ["pool.budget_mb", "at least"]),
 ]
+if not __import__("torch").cuda.is_available():
+    BAD += [("replay.device=cuda:0", ["replay.device='cuda:0'", "auto, cpu"]),
+            ("replay.device=cuda", ["replay.device='cuda'", "auto, cpu"]),
+            (["experiment=bench_kernels", "bench.device=cuda:1"], ["bench.device='cuda:1'", "auto, cpu"])]
 
 
 @pytest.mark.parametrize("override,needles", BAD)
 def test_bad_values_rejected_naming_key_and_choices(override, needles, hydra_conf):
-    cfg = compose(config_name="config", overrides=[override])
+    cfg = compose(config_name="config", overrides=[override] if isinstance(override, str) else override)
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     for n in needles:
@@ -204,6 +230,11 @@ CLI_BAD = [
     (["replay.mode=bad"], ["replay.mode", "fast, device"]),
     # in a sweep the bad job is the last one: nothing may run before it is found
     (["-m", "policy.name=lru,nosuch"], ["policy.name='nosuch'", "lru", "belady"]),
+    (["+pool.capacity_block=100"], ["pool.capacity_block", "capacity_blocks"]),
+    (["+replay.params.ordr=forward"], ["replay.params.ordr", "order"]),
+    (["-m", "workload.params.turn_gap_s=5,-1"], ["workload.params.turn_gap_s", "-1"]),
+    (["-m", "pool.capacity_blocks=64,1"], ["pool.capacity_blocks=1", "at least"]),
+    (["-m", "policy=s3fifo,lru", "++policy.params.small_ratio=0.2"], ["policy.params.small_ratio", "lru"]),
 ]
 
 
@@ -214,6 +245,16 @@ def test_cli_rejects_bad_values_before_writing_anything(args, needles, tmp_path)
     for n in needles:
         assert n in r.stderr, r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a rejected run wrote files"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.device_count() > 7, reason="cuda:7 exists here")
+def test_cli_sweep_checks_every_job_device_first(tmp_path):
+    r = _run(["-m", "replay.device=cpu,cuda:7", "replay=device", "workload.params.num_requests=2", "logger=none",
+              "replay.progress=false"], cwd=tmp_path, timeout=60)
+    assert r.returncode != 0
+    for n in ["replay.device='cuda:7'", "auto, cpu"]:
+        assert n in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a rejected sweep wrote files"
 
 
 # ---------------------------------------------------------------------------------- results store

@@ -36,6 +36,8 @@ def small_results(tmp_path_factory):
     """A small policy sweep (fast replay of multi-turn conversations, plus device replays of a Zipf
     workload at two pool sizes) and a CPU smoke run of the kernel benchmark, through the harness."""
     shutil.rmtree(SWEEP, ignore_errors=True)
+    # a run directory holding another run's results is not overwritten; these are rewritten every time
+    shutil.rmtree(CI / "bench_kernels_run", ignore_errors=True)
     index = tmp_path_factory.mktemp("index")
     common = ["logger=none", "replay.progress=false", "results.skip_completed=false",
               f"results.index_dir={index}"]

@@ -7,19 +7,24 @@ their results back to flat metric dicts and time-series rows.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import inspect
 import logging
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import PROJECT_ROOT
+from .config import PROJECT_ROOT, ConfigError
 
 log = logging.getLogger("kvtriton.harness")
 
@@ -37,14 +42,6 @@ def plain(node) -> Any:
     if isinstance(node, list):
         return tuple(plain(v) for v in node)
     return node
-
-
-def _call(fn: Callable, *args, **kwargs):
-    """Call ``fn`` with the keyword arguments its signature accepts (all of them if it takes ``**kw``)."""
-    sig = inspect.signature(fn)
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
-    return fn(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ names
@@ -80,6 +77,9 @@ def canonical_policy(name: str) -> str | None:
 
 def offline_policies() -> tuple[str, ...]:
     """Policies that need the trace's future (the fast replay only)."""
+    pol = _policies_module()
+    if hasattr(pol, "offline_policies"):
+        return tuple(pol.offline_policies())
     try:
         from kvtriton.replay import device as dev
 
@@ -107,12 +107,9 @@ def trace_file(wcfg) -> Path | None:
     return Path(str(folder)) / _TRACE_FILES[name]
 
 
-def build_workload(cfg: DictConfig) -> list:
-    """The request list of ``cfg.workload``, cut to ``cfg.replay.max_requests``."""
-    from kvtriton.workloads import make_workload
-
+def _workload_kwargs(cfg: DictConfig) -> tuple[str, dict]:
     name = str(cfg.workload.name).lower().replace("-", "_")
-    params = plain(cfg.workload.params) or {}
+    params = dict(plain(cfg.workload.params) or {})
     limit = cfg.replay.max_requests
     if name in _TRACE_FILES:
         params = dict(params, path=str(trace_file(cfg.workload)))
@@ -120,10 +117,80 @@ def build_workload(cfg: DictConfig) -> list:
             params["limit"] = int(limit)
     else:
         params.setdefault("seed", int(cfg.workload.seed))
-        if limit is not None and "num_requests" in params:  # generate no more than is replayed
+        if limit is not None and isinstance(params.get("num_requests"), int):  # generate no more than is replayed
             params["num_requests"] = min(int(params["num_requests"]), int(limit))
-    reqs = make_workload(name, **params)
-    return reqs[:limit] if limit is not None else reqs
+    return name, params
+
+
+# The last few workloads built, with their build times, so that the checks and the run of one process
+# (and the jobs of a sweep in one process) build each workload once.
+_WORKLOADS: "OrderedDict[str, tuple[list, float]]" = OrderedDict()
+_WORKLOADS_KEPT = 4
+
+
+def _workload_key(name: str, kwargs: dict, limit) -> str:
+    stamp = None
+    if "path" in kwargs:
+        try:
+            st = os.stat(kwargs["path"])
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
+    return json.dumps([name, kwargs, limit, stamp], sort_keys=True, default=str)
+
+
+def build_workload(cfg: DictConfig) -> list:
+    """The request list of ``cfg.workload``, cut to ``cfg.replay.max_requests``.
+
+    A bad parameter raises ``ConfigError`` naming ``workload.params.<key>`` (the generator's own check)."""
+    from kvtriton.workloads import make_workload
+
+    name, kwargs = _workload_kwargs(cfg)
+    limit = cfg.replay.max_requests
+    key = _workload_key(name, kwargs, limit)
+    if key in _WORKLOADS:
+        _WORKLOADS.move_to_end(key)
+        return list(_WORKLOADS[key][0])
+    t0 = time.perf_counter()
+    try:
+        reqs = make_workload(name, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise _workload_error(cfg, name, kwargs, e) from e
+    except OSError as e:
+        raise ConfigError("workload.trace_path", kwargs.get("path"), f"a readable Mooncake JSONL file ({e})") from e
+    reqs = reqs[:limit] if limit is not None else list(reqs)
+    if not reqs:
+        raise ConfigError("workload.params", plain(cfg.workload.params), f"parameters that give at least one "
+                          f"request (workload {name!r} produced none)")
+    _WORKLOADS[key] = (reqs, time.perf_counter() - t0)
+    while len(_WORKLOADS) > _WORKLOADS_KEPT:
+        _WORKLOADS.popitem(last=False)
+    return list(reqs)
+
+
+def workload_build_seconds(cfg: DictConfig) -> float | None:
+    """How long building ``cfg``'s workload took (it is built once per process; see ``build_workload``)."""
+    name, kwargs = _workload_kwargs(cfg)
+    entry = _WORKLOADS.get(_workload_key(name, kwargs, cfg.replay.max_requests))
+    return entry[1] if entry is not None else None
+
+
+def _lead_name(message: str, names) -> str | None:
+    """The argument a library error message is about (``"num_requests must be ..."``), if it names one."""
+    m = re.match(r"\s*(?:config\.)?([A-Za-z_][A-Za-z0-9_]*)\b", str(message))
+    return m.group(1) if m and m.group(1) in names else None
+
+
+def _workload_error(cfg, name: str, kwargs: dict, e: Exception) -> ConfigError:
+    user = plain(cfg.workload.params) or {}
+    arg = _lead_name(e, kwargs)
+    if arg == "path":
+        return ConfigError("workload.trace_path", kwargs.get("path"), f"a valid Mooncake JSONL file ({e})")
+    if arg == "seed" and "seed" not in user:
+        return ConfigError("workload.seed", cfg.workload.seed, str(e))
+    if arg is not None:
+        return ConfigError(f"workload.params.{arg}", kwargs.get(arg), f"a value workload {name!r} accepts ({e})")
+    return ConfigError("workload.params", user, f"parameters workload {name!r} accepts ({e})")
 
 
 # ----------------------------------------------------------------------------------------- device
@@ -144,6 +211,282 @@ def resolve_device(spec: str, job_num: int | None = None) -> str:
         raise ValueError(f"replay.device={spec!r} but {n} CUDA device(s) are visible; valid values: "
                          f"auto, cpu" + "".join(f", cuda:{i}" for i in range(n)))
     return f"cuda:{idx}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def ops_backend(device: str) -> str:
+    """What kvtriton's ops run on ``device`` in this thread: ``triton``, ``triton-interpreter`` (Triton's
+    interpreter, ``TRITON_INTERPRET=1``) or ``reference`` (the plain-PyTorch references); see
+    ``kvtriton/ops/_backend.py``."""
+    import torch
+    from kvtriton import ops
+
+    if not ops.use_triton(torch.empty(0, device=device)):
+        return "reference"
+    from kvtriton.ops import _backend  # the interpreter flag as triton saw it when it was imported
+
+    interpret = getattr(_backend, "INTERPRET", os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return "triton-interpreter" if interpret else "triton"
+
+
+def runtime_info(cfg: DictConfig, device: str | None) -> dict:
+    """What the run's config resolved to on this machine: the device (``host`` for the fast replay), its
+    name, and the ops backend. Recorded in config.json / result.json; ``runtime_key`` of it is part of the
+    skip-completed key, so that a run on another device or backend is not handed these results."""
+    import torch
+
+    task = getattr(cfg.task, "value", cfg.task)
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    info: dict = {"task": str(task), "torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # pragma: no cover - triton is a Linux-only dependency
+        info["triton"] = None
+    if device is None:  # the fast replay: no tensors, no kernels
+        info.update(device="host", device_type="host", device_name=_cpu_name(), backend="none")
+        return info
+    dtype = torch.device(device).type
+    name = torch.cuda.get_device_name(torch.device(device)) if dtype == "cuda" else _cpu_name()
+    if task == "replay":
+        backend = ops_backend(device)
+    else:  # the benchmark scripts run in a subprocess that inherits TRITON_INTERPRET
+        backend = "triton-interpreter" if interpret else ("triton" if dtype == "cuda" else "reference")
+    info.update(device=device, device_type=dtype, device_name=name, backend=backend, triton_interpret=interpret)
+    return info
+
+
+def runtime_key(info: Mapping) -> dict | None:
+    """The part of ``runtime_info`` that decides whether results carry over: device type and model and
+    the ops backend (not the device index: identical GPUs give interchangeable results). None for the fast
+    replay, whose results depend on the config alone."""
+    if info.get("device") == "host":
+        return None
+    return {k: info.get(k) for k in ("device_type", "device_name", "backend")}
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+# Arguments the harness passes itself, with the config key that sets each.
+_WORKLOAD_OWN = {"trace": {"path": "workload.trace_path", "traces_dir": "workload.traces_dir",
+                           "limit": "replay.max_requests"},
+                 "synthetic": {"seed": "workload.seed"}}
+_POLICY_OWN = {"capacity": "pool.capacity_blocks", "future": "the fast replay, from the workload"}
+_FAST_OWN = {"sample_every": "replay.series_every", "policy_kwargs": "policy.params", "requests": None,
+             "policy": "policy.name", "capacity_blocks": "pool.capacity_blocks", "progress": "replay.progress"}
+# DeviceReplayConfig fields the harness fills from its own keys.
+_DEVICE_OWN = {"device": "replay.device", "max_requests": "replay.max_requests",
+               "time_compression": "replay.time_compression", "ignore_arrivals": "replay.ignore_arrivals",
+               "num_layers": "model.num_layers", "block_size": "pool.block_size", "dtype": "model.dtype",
+               "max_input_tokens": "replay.max_input_tokens", "max_output_tokens": "replay.max_output_tokens",
+               "max_batch": "replay.max_batch", "prefill_s_per_token": "replay.prefill_s_per_token",
+               "compaction_threshold": "pool.compaction_threshold",
+               "compaction_check_every": "replay.compaction_check_every", "chunk_bytes": "pool.chunk_mb",
+               "record_every": "replay.series_every", "seed": "replay.seed"}
+
+
+def _arg_names(fn) -> tuple[list[str], list[str]] | None:
+    """(keyword arguments, required ones) of ``fn``; None where it takes ``**kwargs`` (any name)."""
+    sig = inspect.signature(fn)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    names = [n for n, p in sig.parameters.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+             and not n.startswith("_")]
+    required = [n for n in names if sig.parameters[n].default is inspect.Parameter.empty]
+    return names, required
+
+
+def _check_names(prefix: str, given: Mapping, valid: list[str], own: Mapping[str, str | None], what: str) -> None:
+    """ConfigError for the first key of ``given`` that is not in ``valid`` (or is one the harness sets)."""
+    for k in given:
+        if k in own:
+            where = own[k]
+            hint = (f"set {where} instead" if where and re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", where)
+                    else f"it is set by {where or 'the harness'}")
+            raise ConfigError(f"{prefix}.{k}", given[k], "", message=(
+                f"config key {prefix}.{k} is not accepted: {hint} ({what} takes "
+                f"{', '.join(valid) if valid else 'no parameters'} in {prefix})"))
+        if k not in valid:
+            close = difflib.get_close_matches(str(k), valid, n=1)
+            raise ConfigError(f"{prefix}.{k}", given[k], "", message=(
+                f"unknown config key {prefix}.{k}={given[k]!r}: {what} takes "
+                + (f"{', '.join(valid)} in {prefix}" if valid else f"no parameters in {prefix}")
+                + (f" (did you mean {prefix}.{close[0]}?)" if close else "")))
+
+
+def policy_class(name: str):
+    from kvtriton.policies import make_policy
+
+    return type(make_policy(canonical_policy(name) or name))
+
+
+def check_params(cfg: DictConfig) -> None:
+    """Check ``workload.params``, ``policy.params`` and ``replay.params`` against what the generator, the
+    policy's constructor and the replay take (names from their signatures; values by the library's own
+    checks where they cost nothing). Raise ``ConfigError`` naming the key and the valid ones."""
+    # workload.params: names (the values are checked when the workload is built)
+    from kvtriton.workloads import WORKLOADS
+
+    wname = str(cfg.workload.name).lower().replace("-", "_")
+    wparams = plain(cfg.workload.params) or {}
+    if not isinstance(wparams, dict):
+        raise ConfigError("workload.params", wparams, "a mapping of the generator's keyword arguments")
+    fn = WORKLOADS.get(wname)
+    own = _WORKLOAD_OWN["trace" if wname in _TRACE_FILES else "synthetic"]
+    args = _arg_names(fn) if fn is not None else None
+    if args is not None:
+        names, required = args
+        _check_names("workload.params", wparams, [n for n in names if n not in own], own,
+                     f"workload {wname!r}" + ("" if wname in _TRACE_FILES else f" ({fn.__name__})"))
+        missing = [n for n in required if n not in wparams and n not in own]
+        if missing:
+            raise ConfigError(f"workload.params.{missing[0]}", None, f"a value: workload {wname!r} needs "
+                              f"{', '.join('workload.params.' + m for m in missing)}")
+
+    # policy.params: names, then the constructor's own checks
+    pname = canonical_policy(str(cfg.policy.name))
+    pparams = plain(cfg.policy.params) or {}
+    if not isinstance(pparams, dict):
+        raise ConfigError("policy.params", pparams, "a mapping of the policy constructor's keyword arguments")
+    if pname is not None:
+        from kvtriton.policies import make_policy
+
+        cls = policy_class(pname)
+        args = _arg_names(cls)
+        if args is not None:
+            _check_names("policy.params", pparams, [n for n in args[0] if n not in _POLICY_OWN], _POLICY_OWN,
+                         f"policy {pname!r} ({cls.__name__})")
+        if pparams:
+            cap = cfg.pool.capacity_blocks
+            try:
+                make_policy(pname, capacity=cap if isinstance(cap, int) and cap > 0 else None, **pparams)
+            except (TypeError, ValueError) as e:
+                arg = _lead_name(e, pparams)
+                raise ConfigError(f"policy.params.{arg}" if arg else "policy.params",
+                                  pparams.get(arg) if arg else pparams,
+                                  f"a value policy {pname!r} accepts ({e})") from e
+
+    # replay.params
+    rparams = plain(cfg.replay.params) or {}
+    if not isinstance(rparams, dict):
+        raise ConfigError("replay.params", rparams, "a mapping of the replay's keyword arguments")
+    if getattr(cfg.task, "value", cfg.task) != "replay":
+        return
+    if getattr(cfg.replay.mode, "value", cfg.replay.mode) == "fast":
+        from kvtriton.replay import fast
+
+        args = _arg_names(fast.simulate)
+        if args is not None:
+            _check_names("replay.params", rparams, [n for n in args[0] if n not in _FAST_OWN], _FAST_OWN,
+                         "the fast replay (kvtriton.replay.fast.simulate)")
+        orders = getattr(fast, "ORDERS", None)
+        if "order" in rparams and orders is not None and rparams["order"] not in orders:
+            raise ConfigError("replay.params.order", rparams["order"], f"one of {', '.join(orders)}")
+    else:
+        from kvtriton.replay import device as dev
+
+        fields = [f.name for f in dataclasses.fields(dev.DeviceReplayConfig)]
+        dcfg = device_replay_config(cfg, "cpu")  # checks the names; the device is checked on its own
+        try:
+            dcfg.validate()
+        except ValueError as e:
+            arg = _lead_name(e, fields)
+            key = (f"replay.params.{arg}" if arg in rparams else _DEVICE_OWN.get(arg, "replay.params")) if arg \
+                else "replay.params"
+            raise ConfigError(key, getattr(dcfg, arg) if arg else rparams,
+                              f"a value the device replay accepts ({e})") from e
+
+
+def check_capacity(cfg: DictConfig, requests: list) -> None:
+    """ConfigError where the pool cannot hold the workload's largest request (the replay would refuse
+    it only after the run has started)."""
+    if getattr(cfg.task, "value", cfg.task) != "replay" or not requests:
+        return
+    name = str(cfg.workload.name)
+    if getattr(cfg.replay.mode, "value", cfg.replay.mode) == "fast":
+        cap = cfg.pool.capacity_blocks
+        biggest = max(requests, key=lambda r: len(r.hash_ids))
+        need = max(1, len(biggest.hash_ids))
+        if cap is not None and cap < need:
+            raise ConfigError("pool.capacity_blocks", cap, (
+                f"at least {need}: request_id={biggest.request_id} of workload {name!r} holds {need} blocks "
+                f"(of {getattr(biggest, 'block_tokens', '?')} tokens), and a running request's blocks are pinned"))
+        return
+    for pool, need, block_bytes, why in _device_needs(cfg, requests):
+        if cfg.pool.budget_mb is not None:
+            budget = cfg.pool.budget_mb
+            if need > int(float(budget) * 2**20) // block_bytes:
+                raise ConfigError("pool.budget_mb", budget, f"at least {need * block_bytes / 2**20:.4g} (MB): {why}")
+        elif cfg.pool.capacity_blocks is not None and need > cfg.pool.capacity_blocks:
+            raise ConfigError("pool.capacity_blocks", cfg.pool.capacity_blocks, f"at least {need}: {why}")
+
+
+_NEEDS: "OrderedDict[str, list]" = OrderedDict()  # a sweep over capacities and policies computes each once
+
+
+def _device_needs(cfg: DictConfig, requests: list) -> list[tuple[str, int, int, str]]:
+    """``(pool, blocks its largest request needs, bytes per block, explanation)`` for each model pool of
+    the device replay, by the replay's own scale-down of the requests (nothing touches a device)."""
+    try:  # the replay's own preparation of the requests (public since the replay was split up)
+        from kvtriton.replay.sequences import prepare_sequences, resolve_models
+    except ImportError:  # pragma: no cover - the earlier single-module replay
+        from kvtriton.replay import device as dev
+
+        prepare_sequences, resolve_models = dev._prepare, dev._resolve_models
+
+    name = str(cfg.workload.name)
+    wname, kwargs = _workload_kwargs(cfg)
+    model = None if cfg.model.preset == "per_request" else str(cfg.model.preset)
+    key = json.dumps([_workload_key(wname, kwargs, cfg.replay.max_requests), model, cfg.model.num_layers,
+                      cfg.model.dtype, cfg.pool.block_size, cfg.replay.max_input_tokens,
+                      cfg.replay.max_output_tokens], default=str)
+    if key in _NEEDS:
+        _NEEDS.move_to_end(key)
+        return _NEEDS[key]
+    try:
+        dcfg = device_replay_config(cfg, "cpu")
+        if model is None:
+            names = {getattr(r, "model", None) for r in requests}
+            if None in names or not names:
+                raise ConfigError("model.preset", "per_request", (
+                    f"a workload whose requests name their model (e.g. workload=design_mix), or one preset "
+                    f"({', '.join(sorted(model_presets()))}): requests of workload {name!r} have no model"))
+            specs, by_request = resolve_models({n: n for n in sorted(names, key=str)}, dcfg)
+        else:
+            specs, by_request = resolve_models(model, dcfg)
+        seqs = prepare_sequences(requests, dcfg, specs, by_request)
+    except AttributeError:  # pragma: no cover - the replay changed shape; it still refuses at run time
+        return []
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError("workload", name, f"requests the device replay can serve ({e})") from e
+    needs = []
+    for pool, spec in specs.items():
+        mine = [q for q in seqs if q.model == pool]
+        if not mine:
+            continue
+        big = max(mine, key=lambda q: q.max_tokens)
+        need = spec.blocks_for_tokens(big.max_tokens)
+        needs.append((pool, need, spec.bytes_per_block,
+                      f"request_id={big.req.request_id} of workload {name!r} holds {big.max_tokens} tokens = "
+                      f"{need} blocks of {spec.block_size} tokens ({spec.name}); or cap replay.max_input_tokens / "
+                      f"replay.max_output_tokens"))
+    _NEEDS[key] = needs
+    while len(_NEEDS) > 8:
+        _NEEDS.popitem(last=False)
+    return needs
 
 
 # ----------------------------------------------------------------------------------------- replays
@@ -203,9 +546,11 @@ def run_fast(cfg: DictConfig, requests: list, progress: bool) -> tuple[dict, lis
     from kvtriton.replay import fast
 
     every = cfg.replay.series_every or max(1, len(requests) // 200)
-    out = _call(fast.simulate, requests, str(cfg.policy.name), int(cfg.pool.capacity_blocks),
-                sample_every=int(every), policy_kwargs=plain(cfg.policy.params) or None,
-                progress=progress, **(plain(cfg.replay.params) or {}))
+    kwargs = dict(sample_every=int(every), policy_kwargs=plain(cfg.policy.params) or None,
+                  **(plain(cfg.replay.params) or {}))
+    if "progress" in inspect.signature(fast.simulate).parameters:
+        kwargs["progress"] = progress
+    out = fast.simulate(requests, str(cfg.policy.name), int(cfg.pool.capacity_blocks), **kwargs)
     metrics, series = _split(out)
     if metrics.get("seconds"):
         metrics["sim_block_refs_per_s"] = metrics.get("references", 0) / metrics["seconds"]
@@ -214,14 +559,12 @@ def run_fast(cfg: DictConfig, requests: list, progress: bool) -> tuple[dict, lis
     return metrics, series
 
 
-def run_device(cfg: DictConfig, requests: list, device: str, progress: bool) -> tuple[dict, list[dict]]:
-    """The serving-loop replay on ``device`` with the real kernels and the memory manager."""
-    import dataclasses
-
+def device_replay_config(cfg: DictConfig, device: str):
+    """The ``DeviceReplayConfig`` of ``cfg`` on ``device`` (``replay.params`` fill the fields that have no
+    key of their own; ``check_params`` refuses the others)."""
     from kvtriton.replay import device as dev
 
     r = cfg.replay
-    fields = {f.name for f in dataclasses.fields(dev.DeviceReplayConfig)}
     knobs = dict(device=device, max_requests=None,  # already cut by build_workload
                  time_compression=float(r.time_compression), ignore_arrivals=bool(r.ignore_arrivals),
                  num_layers=cfg.model.num_layers, block_size=cfg.pool.block_size, dtype=cfg.model.dtype,
@@ -231,12 +574,19 @@ def run_device(cfg: DictConfig, requests: list, device: str, progress: bool) -> 
                  compaction_check_every=int(r.compaction_check_every),
                  chunk_bytes=int(float(cfg.pool.chunk_mb) * 2**20), record_every=int(r.series_every or 1),
                  seed=int(r.seed))
-    knobs.update(plain(r.params) or {})
-    unknown = sorted(set(knobs) - fields)
-    if unknown:
-        raise ValueError(f"replay.params has keys the device replay does not take: {unknown}; "
-                         f"valid keys: {sorted(fields)}")
-    dcfg = dev.DeviceReplayConfig(**knobs)
+    fields = [f.name for f in dataclasses.fields(dev.DeviceReplayConfig)]
+    params = plain(r.params) or {}
+    _check_names("replay.params", params, [n for n in fields if n not in _DEVICE_OWN], _DEVICE_OWN,
+                 "the device replay (kvtriton.replay.device.DeviceReplayConfig)")
+    knobs.update(params)
+    return dev.DeviceReplayConfig(**knobs)
+
+
+def run_device(cfg: DictConfig, requests: list, device: str, progress: bool) -> tuple[dict, list[dict]]:
+    """The serving-loop replay on ``device`` with the real kernels and the memory manager."""
+    from kvtriton.replay import device as dev
+
+    dcfg = device_replay_config(cfg, device)
     cap, budget = cfg.pool.capacity_blocks, cfg.pool.budget_mb
     size = {"budget_bytes": int(float(budget) * 2**20)} if budget is not None else {"capacity_blocks": int(cap)}
     model = None if cfg.model.preset == "per_request" else str(cfg.model.preset)

@@ -2,16 +2,20 @@
 
 The dataclasses give every key its type (OmegaConf rejects ``pool.capacity_blocks=abc`` and
 ``replay.mode=bad`` while composing, naming the key and, for enums, the valid values). ``validate``
-adds the checks a type cannot express (registered policy and workload names, positive sizes, device
-strings) and raises ``ConfigError`` naming the key and the valid values; the harness calls it before
-any output is written.
+adds the checks a type cannot express (keys added with ``+`` that the schema does not have, registered
+policy and workload names, positive sizes, devices this machine has, the ``*.params`` against the
+library's signatures and checks, the workload against the pool) and raises ``ConfigError`` naming the
+key and the valid values; the harness calls it before any output is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import enum
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -25,9 +29,9 @@ CONF_DIR = PROJECT_ROOT / "conf"
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the valid values."""
 
-    def __init__(self, key: str, value: Any, expected: str):
+    def __init__(self, key: str, value: Any, expected: str, message: str | None = None):
         self.key, self.value, self.expected = key, value, expected
-        super().__init__(f"invalid config value {key}={value!r}: expected {expected}")
+        super().__init__(message or f"invalid config value {key}={value!r}: expected {expected}")
 
 
 class Task(str, enum.Enum):
@@ -125,7 +129,10 @@ class ReplayConf:
                                                 # (fast); None: every step / about 200 points
     progress: bool = True
     seed: int = 0
-    params: Dict[str, Any] = field(default_factory=dict)  # passed to the replay function as is
+    # the replay's arguments that have no key of their own, checked against its signature:
+    # fast: order (prefix | forward); device: DeviceReplayConfig's step_time_s, preallocate,
+    # check_invariants, warmup
+    params: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,6 +143,7 @@ class LoggerConf:
     mode: WandbMode = WandbMode.auto
     tags: List[str] = field(default_factory=list)
     log_artifacts: bool = True
+    dir: Optional[str] = None  # W&B's files (runs, cache, artifact staging); null: $WANDB_DIR, else the run dir
 
 
 @dataclass
@@ -202,6 +210,12 @@ def _project_path(rel: str = "") -> str:
     return os.path.normpath(str(PROJECT_ROOT / rel)) if rel else str(PROJECT_ROOT)
 
 
+def _run_id() -> str:
+    import secrets
+
+    return secrets.token_hex(3)
+
+
 def _num_gpus() -> int:
     try:
         import torch
@@ -217,6 +231,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kvt.path", _project_path)
     if not OmegaConf.has_resolver("kvt.num_gpus"):
         OmegaConf.register_new_resolver("kvt.num_gpus", _num_gpus)
+    # ${kvt.run_id:}: random hex, fixed per config (cached in its root like ${now:...}; Hydra copies the
+    # cache into every job of a sweep, so a sweep's jobs agree on it, in other processes too).
+    if not OmegaConf.has_resolver("kvt.run_id"):
+        OmegaConf.register_new_resolver("kvt.run_id", _run_id, use_cache=True)
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -237,12 +255,59 @@ def _positive_float(key: str, v) -> None:
         raise ConfigError(key, v, "a positive finite number")
 
 
-def validate(cfg: DictConfig) -> None:
+def _check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """ConfigError for a key the schema does not have (``+pool.capacity_block=100``, a typo, would
+    otherwise run with the default). Mappings typed ``Dict[str, Any]`` (the ``params``) are checked
+    against the library's signatures instead (``adapters.check_params``)."""
+    hints = typing.get_type_hints(schema)
+    fields = [f.name for f in dataclasses.fields(schema)]
+    for k in node.keys():
+        if not prefix and k == "hydra":
+            continue
+        key = f"{prefix}{k}"
+        if k not in hints:
+            try:
+                value = node[k]
+            except Exception:
+                value = "?"
+            close = difflib.get_close_matches(str(k), fields, n=1)
+            where = prefix.rstrip(".") or "the config"
+            raise ConfigError(key, value, "", message=(
+                f"unknown config key {key}={value!r}: {where} has the keys {', '.join(fields)}"
+                + (f" (did you mean {prefix}{close[0]}?)" if close else "")))
+        if dataclasses.is_dataclass(hints[k]):
+            sub = node._get_node(k)
+            if isinstance(sub, DictConfig) and not sub._is_none() and not sub._is_missing():
+                _check_keys(sub, hints[k], f"{key}.")
+
+
+def _check_device(key: str, spec: str) -> None:
+    """ConfigError where ``spec`` names a CUDA device this machine does not have."""
+    if not spec.startswith("cuda"):
+        return
+    from . import adapters
+
+    try:
+        adapters.resolve_device(spec)
+    except ValueError:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        valid = "auto, cpu" + "".join(f", cuda:{i}" for i in range(n))
+        raise ConfigError(key, spec, valid + ("" if n else " (no CUDA device is visible here)")) from None
+
+
+def validate(cfg: DictConfig, *, check_devices: bool = True, check_workload: bool = True) -> None:
     """Check ``cfg`` (a composed ``RunConfig``) beyond its types; raise ``ConfigError`` on the first bad key.
 
-    Nothing is built or written: names are checked against the registries, sizes and ranges here.
+    Unknown keys, names against the registries, sizes and ranges, the ``*.params`` against the library's
+    signatures and checks, CUDA devices against this machine (``check_devices``; a launcher that runs jobs
+    on other machines checks them there), and, with ``check_workload``, the workload itself: it is
+    built (``workload.params`` values) and the pool must hold its largest request. Nothing is written.
     """
     from . import adapters
+
+    _check_keys(cfg, RunConfig)
 
     def get(key):
         return OmegaConf.select(cfg, key, throw_on_missing=True)
@@ -314,6 +379,10 @@ def validate(cfg: DictConfig) -> None:
     _positive_int("replay.compaction_check_every", get("replay.compaction_check_every"))
     _positive_int("replay.series_every", get("replay.series_every"), allow_none=True)
 
+    if get("task") is Task.replay and get("replay.mode") is ReplayMode.fast and cap is None:
+        raise ConfigError("pool.capacity_blocks", cap, "a positive integer with replay.mode=fast (pool.budget_mb "
+                          "sizes the device replay's arena only)")
+
     # telemetry
     if get("telemetry.exporter") == Exporter.otlp:
         ep = str(get("telemetry.endpoint"))
@@ -332,3 +401,15 @@ def validate(cfg: DictConfig) -> None:
         if not adapters.script_has_flag(script, "--smoke"):
             raise ConfigError("bench.smoke", True, f"false for task={task.value} ({script.name} has no --smoke; "
                               "pass smaller sizes in bench.args)")
+
+    # devices this machine must have
+    if check_devices:
+        if device_mode:
+            _check_device("replay.device", dev)
+        if task is not Task.replay:
+            _check_device("bench.device", bdev)
+
+    # the library's arguments, then the workload itself
+    adapters.check_params(cfg)
+    if check_workload and task is Task.replay:
+        adapters.check_capacity(cfg, adapters.build_workload(cfg))

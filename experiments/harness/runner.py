@@ -6,6 +6,7 @@ API); ``run_from_hydra(cfg)`` takes the output directory, overrides and job numb
 
 from __future__ import annotations
 
+import enum
 import logging
 import sys
 import time
@@ -24,8 +25,16 @@ log = logging.getLogger("kvtriton.harness")
 
 def resolved_config(cfg: DictConfig) -> dict:
     """The config as plain data with interpolations resolved and enums as their names (no ``hydra`` node)."""
-    data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True, throw_on_missing=True)
-    data.pop("hydra", None)
+    data = {}
+    for key in cfg.keys():
+        if key == "hydra":  # Hydra's own node holds values only a launched job has (hydra.job.num, ...)
+            continue
+        value = OmegaConf.select(cfg, str(key), throw_on_missing=True)
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True, enum_to_str=True, throw_on_missing=True)
+        elif isinstance(value, enum.Enum):
+            value = value.name
+        data[key] = value
     return data
 
 
@@ -33,19 +42,25 @@ def _progress_enabled(cfg) -> bool:
     return bool(cfg.replay.progress)
 
 
-def _run_task(cfg: DictConfig, run_dir: Path, job_num: int | None, telemetry) -> tuple[dict, list, dict]:
+def _task_device(cfg: DictConfig, job_num: int | None) -> str | None:
+    """The device the run computes on (None for the fast replay, which has no tensors)."""
+    task = cfg.task if isinstance(cfg.task, Task) else Task(cfg.task)
+    if task is Task.replay:
+        return None if cfg.replay.mode.value == "fast" else adapters.resolve_device(cfg.replay.device, job_num)
+    return adapters.resolve_device(cfg.bench.device, job_num)
+
+
+def _run_task(cfg: DictConfig, run_dir: Path, device: str | None, telemetry) -> tuple[dict, list, dict]:
     task = cfg.task if isinstance(cfg.task, Task) else Task(cfg.task)
     if task is Task.replay:
         t0 = time.perf_counter()
-        requests = adapters.build_workload(cfg)
-        t_load = time.perf_counter() - t0
-        if not requests:
-            raise ValueError(f"workload {cfg.workload.name!r} produced no requests")
+        requests = adapters.build_workload(cfg)  # built by validate() already, in this process
+        t_load = adapters.workload_build_seconds(cfg)
+        t_load = time.perf_counter() - t0 if t_load is None else t_load
         if cfg.replay.mode.value == "fast":
             metrics, series = adapters.run_fast(cfg, requests, _progress_enabled(cfg))
             metrics["device"] = "host"
         else:
-            device = adapters.resolve_device(cfg.replay.device, job_num)
             if device.startswith("cuda"):
                 import torch
 
@@ -55,7 +70,6 @@ def _run_task(cfg: DictConfig, run_dir: Path, job_num: int | None, telemetry) ->
             metrics.setdefault("device", _device_name(device))
         metrics["workload_load_s"] = t_load
         return metrics, series, {}
-    device = adapters.resolve_device(cfg.bench.device, job_num)
     metrics, tables = adapters.run_bench(cfg, task.value, run_dir, device)
     return metrics, [], tables
 
@@ -72,54 +86,62 @@ def execute(cfg: DictConfig, run_dir, *, overrides: Iterable[str] = (), job_num:
             group: str | None = None, run_name: str | None = None, cwd: Path | None = None) -> dict:
     """Run the experiment ``cfg`` with its outputs in ``run_dir`` and return its result record.
 
-    The resolved config is written first and the metrics next, both atomically, before anything is
-    sent to W&B; the ``COMPLETE`` marker comes last. With ``results.skip_completed``, a configuration
-    whose hash has a complete result (here, or in the index) is not run again: the record is copied.
+    Every check (``validate``: keys, values, devices, the workload against the pool) comes before
+    anything is written. The run then claims ``run_dir`` (``store.RunDirBusy`` if another run owns it),
+    writes the resolved config, runs, and writes the metrics, all atomically, before anything is sent to
+    W&B; the ``COMPLETE`` marker comes last. With ``results.skip_completed``, a run whose key (the config
+    hash with the device and ops backend it resolves to here) has a complete result, here or in the
+    index, is not run again: the record is copied.
     """
     validate(cfg)
     run_dir = Path(run_dir)
     overrides = list(overrides)
     resolved = resolved_config(cfg)
-    h = store.config_hash(resolved)
+    device = _task_device(cfg, job_num)
+    runtime = adapters.runtime_info(cfg, device)
+    h = store.config_hash(resolved, adapters.runtime_key(runtime))
     index_dir = Path(cfg.results.index_dir)
     if not index_dir.is_absolute():
         index_dir = (cwd or Path.cwd()) / index_dir
     job = {"num": job_num, "group": group, "name": run_name}
 
+    rs = store.RunStore(run_dir, cfg.results.format.value)
     if cfg.results.skip_completed:
         if store.is_complete(run_dir, h):
             log.info("skipping: %s already holds complete results for config %s", run_dir, h)
             return store.read_result(run_dir)
         prev = store.index_lookup(index_dir, h)
-        if prev is not None:
-            rs = store.RunStore(run_dir, cfg.results.format.value)
-            rs.begin(resolved, h, overrides, job)
-            result = rs.adopt(prev)
+        if prev is not None and prev.resolve() != run_dir.resolve():
+            rs.begin(resolved, h, overrides, job, runtime)
+            try:
+                result = rs.adopt(prev)
+            finally:
+                rs.release()
             log.info("skipping: config %s already complete in %s (results copied)", h, prev)
             print(f"[kvtriton] skipped {run_name or run_dir}: complete in {prev}", file=sys.stderr)
             return result
 
-    rs = store.RunStore(run_dir, cfg.results.format.value)
-    rs.begin(resolved, h, overrides, job)
-
-    telemetry = setup_telemetry(cfg.telemetry, {"kvtriton.run": run_name or "default"})
-    t0 = time.perf_counter()
+    rs.begin(resolved, h, overrides, job, runtime)
     try:
-        if telemetry.enabled:
-            with telemetry.tracer().start_as_current_span(
-                    "kvtriton.harness.run", attributes={"task": str(cfg.task.value), "config_hash": h,
-                                                        "policy": str(cfg.policy.name),
-                                                        "workload": str(cfg.workload.name)}):
-                metrics, series, tables = _run_task(cfg, run_dir, job_num, telemetry)
-        else:
-            metrics, series, tables = _run_task(cfg, run_dir, job_num, telemetry)
-        metrics["wall_s"] = time.perf_counter() - t0
-        if telemetry.enabled:
-            _record_run_metrics(cfg, metrics, h)
+        telemetry = setup_telemetry(cfg.telemetry, {"kvtriton.run": run_name or "default"})
+        t0 = time.perf_counter()
+        try:
+            if telemetry.enabled:
+                with telemetry.tracer().start_as_current_span(
+                        "kvtriton.harness.run", attributes={"task": str(cfg.task.value), "config_hash": h,
+                                                            "policy": str(cfg.policy.name),
+                                                            "workload": str(cfg.workload.name)}):
+                    metrics, series, tables = _run_task(cfg, run_dir, device, telemetry)
+            else:
+                metrics, series, tables = _run_task(cfg, run_dir, device, telemetry)
+            metrics["wall_s"] = time.perf_counter() - t0
+            if telemetry.enabled:
+                _record_run_metrics(cfg, metrics, h)
+        finally:
+            telemetry.shutdown()
+        result = rs.finish(metrics, series, tables)
     finally:
-        telemetry.shutdown()
-
-    result = rs.finish(metrics, series, tables)
+        rs.release()  # a no-op after finish; "failed" otherwise
     store.index_add(index_dir, h, run_dir)
     _print_summary(run_name, metrics)
 

@@ -2,17 +2,53 @@
 
 Mode: ``logger.mode`` when it is online/offline/disabled; with ``auto``, ``$WANDB_MODE`` when set, else
 online when credentials exist (``$WANDB_API_KEY`` or a netrc entry for the W&B host), else offline.
-The run's files go under its Hydra output directory (``<run_dir>/wandb/``).
+W&B's files stay under one directory, ``logger.dir``, else ``$WANDB_DIR``, else the run's Hydra output
+directory: the run (``<dir>/wandb/offline-run-*``), and, unless the user set their variables, W&B's cache
+and its service's logs (``WANDB_CACHE_DIR``: ``<dir>/wandb/cache``), artifact staging
+(``WANDB_DATA_DIR``: ``<dir>/wandb/data``) and downloads (``WANDB_ARTIFACT_DIR``:
+``<dir>/wandb/artifacts``); W&B's defaults put them under the home directory. ``WANDB_CONFIG_DIR`` (the
+user's W&B settings, which a run only reads) is left alone. The W&B service is torn down after each run:
+it keeps the environment it started with, so a second run in the same process (a joblib worker) would
+otherwise write its logs into the first run's directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import netrc
 import os
 import struct
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+# W&B's variables for its directories, and where a run puts them under <dir>/wandb/ unless they are set.
+DIR_VARS = {"WANDB_CACHE_DIR": "cache", "WANDB_DATA_DIR": "data", "WANDB_ARTIFACT_DIR": "artifacts"}
+
+
+def wandb_dir(lcfg, run_dir) -> Path:
+    """The directory a run's W&B files go under: ``logger.dir``, else ``$WANDB_DIR``, else ``run_dir``."""
+    return Path(getattr(lcfg, "dir", None) or os.environ.get("WANDB_DIR") or run_dir).absolute()
+
+
+@contextlib.contextmanager
+def wandb_environment(base: Path):
+    """Point W&B's directories under ``base`` for the duration (variables the user set are kept);
+    the environment is restored afterwards."""
+    names = ["WANDB_DIR", *DIR_VARS]
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        os.environ["WANDB_DIR"] = str(base)
+        for var, sub in DIR_VARS.items():
+            if not saved[var]:
+                os.environ[var] = str(base / "wandb" / sub)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def resolve_mode(mode: str) -> str:
@@ -47,13 +83,25 @@ def log_run(lcfg, *, run_dir: Path, resolved: Mapping, name: str, group: str | N
             result_files: Iterable[Path] = (), job_type: str = "replay") -> dict:
     """Create a W&B run, log the series (one ``wandb.log`` per point, ``step`` as W&B's step), the summary
     metrics and the results as an artifact; return ``{"mode", "run_id", "dir"}``."""
-    import wandb
-
     mode = resolve_mode(lcfg.mode)
     if mode == "disabled":
         return {"mode": mode, "run_id": None, "dir": None}
+    base = wandb_dir(lcfg, run_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    with wandb_environment(base):
+        import wandb
+
+        try:
+            return _log_run(wandb, lcfg, mode, base, resolved=resolved, name=name, group=group, metrics=metrics,
+                            series=series, tables=tables, result_files=result_files, job_type=job_type)
+        finally:
+            wandb.teardown()  # the service keeps the environment it started with; the next run starts its own
+
+
+def _log_run(wandb, lcfg, mode, base: Path, *, resolved, name, group, metrics, series, tables, result_files,
+             job_type) -> dict:
     run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=group, name=name, job_type=job_type,
-                     config=dict(resolved), tags=list(lcfg.tags or []), dir=str(run_dir), mode=mode,
+                     config=dict(resolved), tags=list(lcfg.tags or []), dir=str(base), mode=mode,
                      reinit="finish_previous")
     try:
         if series:
