@@ -2,7 +2,8 @@
 
 - ``simulate`` / ``miss_ratio_curve`` (``fast``): prefix-cache hit rates and miss-ratio curves of the
   eviction policies on a request trace, in plain Python on the CPU (no tensors).
-- ``replay_device`` (``device``): a serving loop over the memory manager and the kernels.
+- ``replay_device`` (``device``): a serving loop over the memory manager and the kernels; its knobs and
+  result in ``device_config``, its loop in ``engine``, its counters in ``metrics``.
 """
 
 from .fast import ORDERS, miss_ratio_curve, simulate
