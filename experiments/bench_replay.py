@@ -10,22 +10,19 @@ throughput in block references per second, and the same for a straightforward LR
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import statistics
-import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _bench_utils import percentiles, run_header, write_json
+from kvtriton.policies import available_policies
+from kvtriton.replay import miss_ratio_curve, simulate
+from kvtriton.workloads.mooncake import load_mooncake
 
-from kvtriton.policies import available_policies  # noqa: E402
-from kvtriton.replay import miss_ratio_curve, simulate  # noqa: E402
-from kvtriton.workloads.mooncake import load_mooncake  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CAPACITIES = [1000, 3000, 10000, 20000, 30000, 50000]
 
@@ -68,12 +65,11 @@ def main(argv=None):
     policies = [p for p in args.policies.split(",") if p]
     capacities = [int(c) for c in args.capacities.split(",") if c]
     refs_per_run = sum(len(r.hash_ids) for r in requests)
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "python": platform.python_version(), "cpu_count": os.cpu_count(),
+    machine = {**run_header(),
                "sched_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                "loadavg_before": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    print(f"machine: {machine['platform']}, {machine['processor']}, python {machine['python']}, "
-          f"{machine['cpu_count']} CPUs, load average {machine['loadavg_before']}")
+    print(f"machine: {machine['platform']}, {machine['cpu']}, python {machine['python']}, "
+          f"{machine['cpus']} CPUs, load average {machine['loadavg_before']}")
     print(f"trace: {args.trace}: {len(requests)} requests, {refs_per_run} block references")
 
     # Baseline, in this process: the plain OrderedDict LRU at 10,000 blocks, median of repeats.
@@ -89,9 +85,12 @@ def main(argv=None):
     for _ in range(args.repeats):
         ours_t.append(simulate(requests, "lru", 10_000, order="forward")["seconds"])
     ours_s = statistics.median(ours_t)
+    base_spread, ours_spread = percentiles(base_times, unit="s"), percentiles(ours_t, unit="s")
     print(f"baseline plain-Python LRU: {refs / base_s / 1e6:.2f} M refs/s (median of {args.repeats}, "
+          f"{base_spread['min_s']:.3f}-{base_spread['max_s']:.3f} s per run; "
           f"hit rate {hits / refs:.4f}); kvtriton LRU replay (pins, policy interface), same run: "
-          f"{refs / ours_s / 1e6:.2f} M refs/s (ratio {base_s / ours_s:.2f})")
+          f"{refs / ours_s / 1e6:.2f} M refs/s ({ours_spread['min_s']:.3f}-{ours_spread['max_s']:.3f} s per run; "
+          f"ratio of medians {base_s / ours_s:.2f})")
 
     def cpu():
         a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -129,9 +128,10 @@ def main(argv=None):
                "refs_per_second_overall": total_refs / wall,
                "baseline_plain_lru_refs_per_second": refs / base_s,
                "replay_lru_refs_per_second": refs / statistics.median(ours_t),
-               "workers": args.workers, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "baseline_plain_lru_seconds": base_spread, "replay_lru_seconds": ours_spread,
+               "workers": args.workers, "date": machine["date"],
                "rows": df.to_dict(orient="records")}
-    (out / "bench_replay.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "bench_replay.json", summary, indent=1)
     print(f"wrote {out / 'bench_replay.json'} and {out / 'bench_replay.csv'}")
 
 

@@ -24,24 +24,16 @@ the kernel time of a GPU run, is the fraction the goal bounds.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 
 import numpy as np
 import torch
 
+from _bench_utils import device_name, percentiles, resolve_device, run_header, write_json
 from kvtriton.ops import _backend
-from kvtriton.replay.device import DeviceReplayConfig, replay_device, resolve_device
+from kvtriton.replay import DeviceReplayConfig, replay_device
 from kvtriton.spec import get_spec
 from kvtriton.workloads import Request
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def make_requests(batch: int, context: int, output: int, shared_prefix: int, block_tokens: int) -> list[Request]:
@@ -93,6 +85,7 @@ def main(argv=None) -> int:
         # the replay looks the ops up when it starts, so no-ops here leave only the host side
         kops.append_kv = lambda *args, **kw: None
         kops.paged_decode_attention = lambda *args, **kw: None
+        kops.paged_prefill_attention = lambda *args, **kw: None
 
     # the prefill makes the first token and the step that admits a sequence decodes one more
     output = warmup + steps + 2
@@ -128,12 +121,18 @@ def main(argv=None) -> int:
         "other_frac": float(o.sum() / tot.sum()),
         "memory_frac_median_step": float(np.median(m / tot)),
         "decode_tokens_per_s": float(batch * len(rows) / tot.sum()),
+        # the spread over the measured steps, beside the medians
+        "step_ms": percentiles(tot, unit="ms", scale=1e3),
+        "kernel_ms": percentiles(k, unit="ms", scale=1e3),
+        "memory_ms": percentiles(m, unit="ms", scale=1e3),
+        "other_ms": percentiles(o, unit="ms", scale=1e3),
     }
     goal = 0.05
     goal_shape = (batch == 64 and context == 4096 and spec.num_layers == 32 and dev.type == "cuda"
                   and not a.host_only)
-    print(f"decode step, median over {len(rows)} steps: {split['step_ms_median']:.3f} ms = kernels "
-          f"{split['kernel_ms_median']:.3f} ms + memory management {split['memory_ms_median']:.3f} ms + other "
+    print(f"decode step, median over {len(rows)} steps: {split['step_ms_median']:.3f} ms (p95 "
+          f"{split['step_ms']['p95_ms']:.3f}) = kernels {split['kernel_ms_median']:.3f} ms + memory management "
+          f"{split['memory_ms_median']:.3f} ms (p95 {split['memory_ms']['p95_ms']:.3f}) + other "
           f"{split['other_ms_median']:.3f} ms")
     verdict = ("met" if split["memory_frac"] <= goal else "NOT met") if goal_shape else "not this shape/device"
     print(f"split of step time: kernels {split['kernel_frac']:.2%}, memory management {split['memory_frac']:.2%}"
@@ -142,15 +141,13 @@ def main(argv=None) -> int:
     print(f"decode throughput: {split['decode_tokens_per_s']:.1f} tokens/s; whole replay: "
           f"hit rate {res.summary['hit_rate']:.3f}, preemptions {res.summary['preemptions']}, "
           f"wall {res.summary['wall_s']:.2f} s")
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": device_name(dev), "model": model, "num_layers": spec.num_layers, "batch": batch,
+    out = {**run_header(dev), "model": model, "num_layers": spec.num_layers, "batch": batch,
            "context": context, "block_size": spec.block_size, "policy": a.policy, "goal_memory_frac": goal,
            "goal_shape": goal_shape, "goal_met": bool(goal_shape and split["memory_frac"] <= goal),
            "host_only": a.host_only,
            "split": split, "summary": res.summary}
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(a.out, out)
         print(f"wrote {a.out}")
     return 0
 

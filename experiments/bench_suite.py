@@ -20,26 +20,23 @@ Prints one table per benchmark and a summary last; writes JSON with ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import random
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _bench_utils import cpu_name, device_name, percentiles, resolve_device, run_header, write_json
+from kvtriton import GPUMemoryAllocator, PoolExhaustedError, get_spec
+from kvtriton.ops import append_kv
+from kvtriton.spec import DESIGN_CACHE_BYTES
+from kvtriton.workloads import design_cache_tokens as _tokens_for
 
-from kvtriton import GPUMemoryAllocator, PoolExhaustedError, get_spec  # noqa: E402
-from kvtriton.ops import append_kv  # noqa: E402
-from kvtriton.spec import DESIGN_CACHE_BYTES  # noqa: E402
-from kvtriton.workloads import design_cache_tokens as _tokens_for  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MB = 1 << 20
 DOC = {
@@ -55,10 +52,8 @@ def _sync(device):
 
 
 def _pcts_us(ns):
-    a = np.asarray(ns, dtype=np.float64) / 1e3
-    return {"n": int(a.size), "avg_us": float(a.mean()), "min_us": float(a.min()),
-            "p50_us": float(np.percentile(a, 50)), "p95_us": float(np.percentile(a, 95)),
-            "p99_us": float(np.percentile(a, 99)), "max_us": float(a.max())}
+    """Latencies in ns -> n, mean_us, std_us, min_us, p50_us, p95_us, p99_us, max_us."""
+    return percentiles(ns, unit="us", scale=1e-3)
 
 
 def _stable(stats: dict) -> dict:
@@ -101,7 +96,7 @@ def bench_allocation_latency(device, counts=(100, 10_000), hold=100):
             ours, theirs = _pcts_us(lat), _pcts_us(base)
             out[label] = {"kvtriton": ours, "torch_empty": theirs,
                            "speedup_p50": theirs["p50_us"] / ours["p50_us"],
-                           "speedup_avg": theirs["avg_us"] / ours["avg_us"]}
+                           "speedup_mean": theirs["mean_us"] / ours["mean_us"]}
         s = pool.stats()
         out["leak_free"] = s["used_blocks"] == 0 and s["live_caches"] == 0
     return out
@@ -470,7 +465,7 @@ def _summary(res):
     for n in a:
         if isinstance(a[n], dict):
             k = a[n]["kvtriton"]
-            rows.append({"benchmark": f"alloc 10 MB x{n}", "kvtriton": f"avg {k['avg_us']:.1f} us, p50 {k['p50_us']:.1f}, p95 {k['p95_us']:.1f} us",
+            rows.append({"benchmark": f"alloc 10 MB x{n}", "kvtriton": f"mean {k['mean_us']:.1f} us, p50 {k['p50_us']:.1f}, p95 {k['p95_us']:.1f} us",
                          "baseline": f"torch.empty p50 {a[n]['torch_empty']['p50_us']:.1f} us "
                                      f"({a[n]['speedup_p50']:.1f}x)",
                          "document": f"avg {DOC['alloc_avg_ms']} ms, p95 {DOC['alloc_p95_ms']} ms (mock)"})
@@ -515,11 +510,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small", "--smoke", dest="small", action="store_true", help="smaller counts (smoke runs)")
     ap.add_argument("--traces", default=os.environ.get("KVTRITON_TRACES", str(ROOT.parent / "shared" / "traces" / "mooncake")))
     args = ap.parse_args(argv)
-    dev = args.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(dev)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    device = resolve_device(args.device)
+    name = device_name(device) if device.type == "cuda" else cpu_name()
     small = args.small
     print(f"design-document suite on {device} ({name}), {os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
     benches = {
@@ -539,9 +531,7 @@ def main(argv=None) -> int:
     append_kv(kc[0, :1], vc[0, :1], kc, vc, torch.tensor([0], device=device))
     _sync(device)
     sections = {}
-    results = {"device": str(device), "device_name": name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-               "torch": torch.__version__, "cpus": os.cpu_count(), "small": small, "document": DOC,
-               "results": sections}
+    results = {**run_header(device), "device_name": name, "small": small, "document": DOC, "results": sections}
     for i, (key, fn) in benches.items():
         if args.only and i not in args.only:
             continue
@@ -555,10 +545,7 @@ def main(argv=None) -> int:
     print("\nSUMMARY (" + name + ")")
     print(_fmt_table(summary, ["benchmark", "kvtriton", "baseline", "document"]))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2, default=str))
-        tmp.replace(args.out)
+        write_json(args.out, results)
     return 0
 
 

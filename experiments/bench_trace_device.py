@@ -1,9 +1,10 @@
 """Serve the head of a Mooncake trace on the device, once per policy: the serving loop's numbers.
 
 Replays the first ``--requests`` requests of a trace through ``kvtriton.replay.replay_device`` (real pool,
-policy, ``append_kv`` prefill and ``paged_decode_attention`` decode over every layer) for each policy,
-at one pool size, and reports per policy: block and token hit rate, prefill tokens computed, evictions,
-preemptions, time to first token, decode tokens/s and the split of step time. Arrivals keep the trace's
+policy, ``append_kv`` + ``paged_prefill_attention`` prefill and ``paged_decode_attention`` decode over
+every layer) for each policy, at one pool size, and reports per policy: block and token hit rate, prefill
+tokens computed, evictions, preemptions, time to first token, the prefill's measured attention time
+beside its cost model (projections and MLP), decode tokens/s and the split of step time. Arrivals keep the trace's
 times (or are compressed, ``--time-compression``), prompts may be truncated (their hash ids
 stay prefix-consistent) and outputs capped, so one policy takes seconds to a minute on a GPU.
 
@@ -17,17 +18,13 @@ Results are written after every policy, so a run stopped part-way keeps what it 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from kvtriton.replay.device import DeviceReplayConfig, replay_device, resolve_device
+from _bench_utils import resolve_device, run_header, write_json
+from kvtriton.replay import DeviceReplayConfig, replay_device
 from kvtriton.spec import get_spec
 from kvtriton.memory.hashing import expand_hash_ids
 from kvtriton.workloads import load_mooncake
@@ -35,15 +32,10 @@ from kvtriton.workloads import load_mooncake
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACES = os.environ.get("KVTRITON_TRACES", str(ROOT.parent / "shared" / "traces" / "mooncake"))
 KEYS = ("hit_rate", "token_hit_rate", "prefill_tokens_computed", "evictions", "preemptions",
-        "ttft_s_p50", "ttft_s_p99", "queueing_delay_s_p50", "decode_tokens", "decode_tokens_per_s",
+        "ttft_s_p50", "ttft_s_p99", "queueing_delay_s_p50", "prefill_attention_s", "prefill_model_s",
+        "decode_tokens", "decode_tokens_per_s",
         "step_kernel_frac", "step_memory_frac", "step_other_frac", "compactions", "compaction_s",
         "utilization_mean", "external_fragmentation_max", "wall_s")
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main(argv=None) -> int:
@@ -63,7 +55,8 @@ def main(argv=None) -> int:
                     help="pool size as a fraction of the blocks the replayed prompts touch (distinct)")
     ap.add_argument("--time-compression", type=float, default=1.0, help="arrivals at arrival_s / this")
     ap.add_argument("--prefill-s-per-token", type=float, default=1e-4,
-                    help="prefill cost model: seconds per missed prompt token (TTFT only)")
+                    help="prefill cost model: seconds of projections and MLP per missed prompt token "
+                         "(TTFT only; the prefill attention is measured)")
     ap.add_argument("--policies", nargs="+", default=["lru", "arc", "s3fifo", "prefix_aware"])
     ap.add_argument("--out", default=None, help="write the results as JSON here (after every policy)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
@@ -98,13 +91,12 @@ def main(argv=None) -> int:
                              prefill_s_per_token=a.prefill_s_per_token, record_every=16, seed=0,
                              # one model owns the arena: no other pool could take chunks a compaction frees
                              compaction_threshold=None)
-    head = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name(dev), "trace": a.trace, "requests": n, "model": model,
+    head = {**run_header(dev), "trace": a.trace, "requests": n, "model": model,
             "num_layers": spec.num_layers, "block_size": bs, "max_input_tokens": max_input,
             "max_output_tokens": max_output, "max_batch": a.batch, "time_compression": a.time_compression,
             "distinct_prompt_blocks": len(seen), "capacity_blocks": capacity,
             "pool_gib": capacity * spec.bytes_per_block / 2**30, "results": {}}
-    print(f"device: {head['device']}; {a.trace} first {n} requests (prompts <= {max_input} tokens, outputs <= "
+    print(f"device: {head['device_name']}; {a.trace} first {n} requests (prompts <= {max_input} tokens, outputs <= "
           f"{max_output}); model {model} with {spec.num_layers} layers, block {bs}; pool {capacity} blocks "
           f"({head['pool_gib']:.2f} GiB) = {a.capacity_frac:.0%} of {len(seen)} distinct prompt blocks",
           flush=True)
@@ -117,13 +109,12 @@ def main(argv=None) -> int:
         head["results"][pol] = row
         print(f"{pol:>14}: hit {s['hit_rate']:.4f}, token hit {s['token_hit_rate']:.4f}, evictions "
               f"{s['evictions']}, preemptions {s['preemptions']}, TTFT p50 {s['ttft_s_p50'] * 1e3:.1f} ms "
-              f"p99 {s['ttft_s_p99'] * 1e3:.1f} ms, decode {s['decode_tokens_per_s']:.0f} tok/s, step split "
+              f"p99 {s['ttft_s_p99'] * 1e3:.1f} ms, prefill attention {s['prefill_attention_s']:.3f} s (cost model "
+              f"{s['prefill_model_s']:.3f} s), decode {s['decode_tokens_per_s']:.0f} tok/s, step split "
               f"kernels {s['step_kernel_frac']:.1%} / memory {s['step_memory_frac']:.1%} / other "
               f"{s['step_other_frac']:.1%}; {row['elapsed_s']:.1f} s", flush=True)
         if a.out:
-            tmp = Path(a.out).with_suffix(".tmp")
-            tmp.write_text(json.dumps(head, indent=2))
-            os.replace(tmp, a.out)
+            write_json(a.out, head)
     if a.out:
         print(f"wrote {a.out}")
     return 0

@@ -34,12 +34,11 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from kvtriton.policies.base import EvictionPolicy
+from kvtriton.replay import simulate
+from kvtriton.workloads import load_mooncake
 
-from kvtriton.policies.base import EvictionPolicy  # noqa: E402
-from kvtriton.replay import simulate  # noqa: E402
-from kvtriton.workloads import load_mooncake  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_TRACES = os.environ.get("KVTRITON_TRACES", str(ROOT.parent / "shared" / "traces" / "mooncake"))
 MAX_DEPTH = 5                                     # turns 5 and later share one bucket

@@ -14,16 +14,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-import harness  # noqa: E402
-from harness import adapters, store  # noqa: E402
-from harness.config import CONF_DIR, ConfigError, validate  # noqa: E402
-from harness.runner import execute  # noqa: E402
+from kvtriton import harness
+from kvtriton.harness import adapters, store
+from kvtriton.harness.config import CONF_DIR, ConfigError, validate
+from kvtriton.harness.runner import execute
 
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
 # Small and fast on a CPU: multi-turn conversations in the fast simulator, no W&B.
@@ -162,7 +160,12 @@ BAD = [
     ("replay.device=gpu0", ["replay.device", "auto, cpu, cuda, cuda:N"]),
     ("workload.name=nosuch", ["workload.name", "zipf", "multiturn"]),
     ("model.preset=nosuch", ["model.preset", "llama-3-8b", "tiny"]),
-    ("pool.compaction_threshold=1.5", ["pool.compaction_threshold", "[0, 1)"]),
+    ("replay.compaction_threshold=1.5", ["replay.compaction_threshold", "[0, 1)"]),
+    # the device knobs, by DeviceReplayConfig's own checks, named as replay.<field>
+    ("replay.max_batch=0", ["replay.max_batch=0", "positive int"]),
+    ("replay.dtype=int8", ["replay.dtype='int8'", "bfloat16"]),
+    ("replay.record_every=0", ["replay.record_every", "positive int"]),
+    ("replay.repeats=0", ["replay.repeats", "positive integer"]),
     ("policy=belady", ["policy.name='belady'", "replay=fast", "s3fifo"]),  # device replay: no oracle
     ("model=per_request", ["pool.budget_mb", "pool=budget"]),
     # unknown keys: a typo must not run with the default
@@ -181,7 +184,9 @@ BAD = [
     ("workload.params.num_requests=-5", ["workload.params.num_requests", "-5", ">= 1"]),
     ("workload.params.zipf_alpha=-1", ["workload.params.zipf_alpha", "-1"]),
     (["replay=fast", "+replay.params.order=sideways"], ["replay.params.order", "sideways", "prefix", "forward"]),
-    ("+replay.params.step_time_s=-1", ["replay.params.step_time_s", "-1"]),
+    ("replay.step_time_s=-1", ["replay.step_time_s", "-1"]),
+    ("+replay.params.step_time_s=0.1", ["replay.params.step_time_s", "replay.step_time_s"]),
+    (["replay=fast", "+replay.params.sample_every=0"], ["replay.params.sample_every", "positive integer"]),
     (["policy=s3fifo", "policy.params.small_ratio=7"], ["policy.params.small_ratio", "(0, 1)"]),
     (["model=per_request", "pool=budget"], ["model.preset", "workload=design_mix"]),
     (["replay=fast", "pool.capacity_blocks=1"], ["pool.capacity_blocks=1", "at least"]),
@@ -368,7 +373,7 @@ def test_multirun_writes_four_complete_results_and_rerun_skips(tmp_path):
 
 
 def test_wandb_offline_run_logs_series_summary_and_artifact(tmp_path):
-    args = FAST[:-2] + ["logger=wandb", "logger.mode=offline", "replay.series_every=5", "telemetry=console",
+    args = FAST[:-2] + ["logger=wandb", "logger.mode=offline", "+replay.params.sample_every=5", "telemetry=console",
                         f"hydra.run.dir={tmp_path / 'run'}", f"results.index_dir={tmp_path / 'index'}"]
     r = _run(args, cwd=tmp_path, WANDB_MODE="online")  # logger.mode wins over the environment
     assert r.returncode == 0, r.stderr[-3000:]
@@ -378,7 +383,7 @@ def test_wandb_offline_run_logs_series_summary_and_artifact(tmp_path):
     info = json.loads((run_dir / "wandb.json").read_text())
     assert info["mode"] == "offline"
 
-    from harness.wandb_log import read_offline_run
+    from kvtriton.harness.wandb_log import read_offline_run
 
     logged = read_offline_run(run_dir / "wandb")
     assert logged["run_id"] == info["run_id"]
@@ -393,7 +398,7 @@ def test_wandb_offline_run_logs_series_summary_and_artifact(tmp_path):
 
 
 def test_wandb_mode_resolution(monkeypatch, tmp_path):
-    from harness.wandb_log import resolve_mode
+    from kvtriton.harness.wandb_log import resolve_mode
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.delenv("NETRC", raising=False)
@@ -456,3 +461,60 @@ def test_design_suite_preset_stores_its_sections(hydra_conf, tmp_path):
     rec = data["results"]["6_error_recovery"]
     assert rec["exhausted"]["raised"] and rec["exhausted"]["unchanged_by_failed_request"]
     assert res["metrics"]["bench_rows"] == 1
+
+
+# ------------------------------------------------------------------- names, units, repeats, the CLI
+
+def test_results_carry_the_registered_policy_name(hydra_conf, tmp_path):
+    """``policy.name=adaptive`` runs, stores, hashes and loads as ``arc`` (the overrides keep what was
+    typed), so a later ``policy=arc`` run of the same config is the same result."""
+    index = f"results.index_dir={tmp_path / 'index'}"
+    a = execute(compose(config_name="config", overrides=FAST + ["policy.name=adaptive", index]), tmp_path / "a",
+                overrides=["policy.name=adaptive"])
+    assert a["config"]["policy"]["name"] == "arc" and a["overrides"] == ["policy.name=adaptive"]
+    b = execute(compose(config_name="config", overrides=FAST + ["policy=arc", index]), tmp_path / "b")
+    assert b["reused_from"] == str((tmp_path / "a").resolve()) and b["config_hash"] == a["config_hash"]
+    c = execute(compose(config_name="config", overrides=FAST + ["policy.name=size_aware_lru", index]), tmp_path / "c")
+    df = harness.load_results(tmp_path)
+    assert sorted(df["policy"]) == ["arc", "gdsf"]
+    assert c["config"]["policy"]["name"] == "gdsf"
+
+
+def test_fast_results_carry_the_capacity_unit_and_timing_spread(hydra_conf, tmp_path):
+    cfg = compose(config_name="config", overrides=FAST + ["replay.repeats=3", "pool.capacity_blocks=48",
+                                                           f"results.index_dir={tmp_path / 'index'}"])
+    m = execute(cfg, tmp_path / "run")["metrics"]
+    assert m["repeats"] == 3
+    for k in ("seconds", "sim_block_refs_per_s"):  # timings: median with min, max and std beside
+        assert m[f"{k}_min"] <= m[k] <= m[f"{k}_max"] and m[f"{k}_std"] >= 0
+    assert "hit_rate_min" not in m  # the simulator's counts do not vary between repeats
+    assert m["block_tokens"] == 512 and m["capacity_tokens"] == 48 * 512  # multiturn: 512-token blocks
+    row = harness.load_results(tmp_path / "run").iloc[0]
+    assert (row["capacity_blocks"], row["block_tokens"], row["capacity_tokens"], row["repeats"]) == (48, 512, 48 * 512, 3)
+
+
+def test_combine_repeats_gives_every_varying_number_its_spread():
+    runs = [({"hit_rate": h, "ttft_s_p50": t, "evictions": 5, "device": "cpu"}, [{"step": i}])
+            for i, (h, t) in enumerate([(0.5, 1.0), (0.7, 3.0), (0.6, 2.0)])]
+    m, series = adapters.combine_repeats(runs)
+    assert series == [{"step": 0}] and m["repeats"] == 3 and m["device"] == "cpu"
+    assert (m["ttft_s_p50"], m["ttft_s_p50_min"], m["ttft_s_p50_max"]) == (2.0, 1.0, 3.0)
+    assert m["hit_rate"] == 0.6 and m["hit_rate_min"] == 0.5 and m["hit_rate_max"] == 0.7  # varied: spread too
+    assert m["evictions"] == 5 and "evictions_min" not in m
+    assert m["ttft_s_p50_std"] == pytest.approx(1.0)
+
+
+def test_console_script_commands(tmp_path):
+    from kvtriton.replay import DeviceReplayConfig
+
+    cli = [sys.executable, "-m", "kvtriton.harness"]
+    r = subprocess.run(cli + ["knobs"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0
+    for name in DeviceReplayConfig.docs():
+        assert f"replay.{name} " in r.stdout, name
+    r = subprocess.run(cli + ["run", "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0 and "kvtriton run" in r.stdout and "kvtriton knobs" in r.stdout
+    assert "policy: adaptive, arc" in r.stdout, r.stdout[-2000:]
+    r = subprocess.run(cli + ["nosuch"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and "unknown command" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -1,7 +1,8 @@
 """The harness's run directories: one run per directory, files others can read, W&B kept inside, and a
 skip-completed key that knows the device and the ops backend.
 
-Most checks go through the real entry point (``experiments/run.py``) in a subprocess, as a user runs it.
+Most checks go through the real entry point (``experiments/run.py``, the README's command, a thin wrapper
+of the ``kvtriton run`` console script) in a subprocess, as a user runs it.
 """
 
 from __future__ import annotations
@@ -16,14 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from harness import store  # noqa: E402
-from harness.config import CONF_DIR  # noqa: E402
+from kvtriton.harness import store
+from kvtriton.harness.config import CONF_DIR
 
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
 FAST = ["workload=multiturn", "workload.params.num_sessions=12", "replay=fast", "logger=none",
@@ -241,8 +240,8 @@ def test_skip_completed_keys_on_the_ops_backend(tmp_path):
 
 
 def test_skip_completed_keys_on_the_device(hydra_conf, tmp_path, monkeypatch):
-    from harness import adapters
-    from harness.runner import execute
+    from kvtriton.harness import adapters
+    from kvtriton.harness.runner import execute
     from kvtriton.ops import backend
 
     cfg = compose(config_name="config", overrides=DEVICE + [f"results.index_dir={tmp_path / 'index'}"])
@@ -262,3 +261,39 @@ def test_skip_completed_keys_on_the_device(hydra_conf, tmp_path, monkeypatch):
     assert second["runtime"]["device_name"] == "Some GPU"
     assert third["reused_from"] == str((tmp_path / "a").resolve())
     assert third["runtime"] == first["runtime"] and third["config_hash"] == first["config_hash"]
+
+
+def test_wandb_stays_quiet_and_the_summary_line_comes_last(tmp_path):
+    """Without WANDB_SILENT in the environment W&B prints nothing of its own, and the run's one-line
+    ``[kvtriton]`` summary is the last line."""
+    r = _run(_wandb_args(tmp_path), cwd=tmp_path, WANDB_SILENT=None)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert not [ln for ln in lines if ln.lower().startswith("wandb")], lines[-20:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("[kvtriton] ") and "policy=lru" in last and "hit_rate=" in last, r.stderr[-2000:]
+
+
+def test_sweep_logs_one_wandb_summary_run_with_every_job(tmp_path):
+    from kvtriton.harness.wandb_log import read_offline_run
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "policy=lru,fifo", "pool.capacity_blocks=16,64"] + FAST[:-2] + [
+        "logger=wandb", "logger.mode=offline", "replay.progress=false", f"hydra.sweep.dir={sweep}",
+        f"results.index_dir={tmp_path / 'index'}"]
+    r = _run(args, cwd=tmp_path, WANDB_SILENT=None, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [ln for ln in (r.stdout + r.stderr).splitlines() if ln.lower().startswith("wandb")]
+    assert r.stderr.count("[kvtriton] policy=") == 4, r.stderr[-3000:]
+    assert f"[kvtriton] sweep {sweep}: 4 complete runs" in r.stderr
+    info = json.loads((sweep / "sweep_summary.json").read_text())
+    assert info["mode"] == "offline" and "hit_rate_vs_capacity" in info["plots"]
+    logged = read_offline_run(sweep / "wandb")  # the jobs' own runs are under sweep/<job>/wandb
+    assert logged["run_id"] == info["run_id"] and logged["job_type"] == "sweep_summary"
+    assert logged["group"] == str(sweep)
+    keys = {k for step in logged["history"] for k in step}
+    assert any(k.startswith("sweep_results/") for k in keys), keys  # the table
+    assert any(k.startswith("hit_rate_vs_capacity") for k in keys), keys  # the plot (its table)
+    assert logged["summary"]["jobs"] == 4
+    job = read_offline_run(sweep / "0" / "wandb")
+    assert job["group"] == str(sweep) and job["job_type"] == "replay"

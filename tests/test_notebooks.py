@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
-import harness  # noqa: E402
-from harness.config import CONF_DIR  # noqa: E402
-from harness.runner import execute  # noqa: E402
+from kvtriton import harness
+from kvtriton.harness.config import CONF_DIR
+from kvtriton.harness.runner import execute
 
 CI = ROOT / "results" / "ci"
 SWEEP = CI / "policy_sweep"
@@ -34,7 +31,8 @@ BENCH_JSON = CI / "bench_kernels.json"
 @pytest.fixture(scope="module")
 def small_results(tmp_path_factory):
     """A small policy sweep (fast replay of multi-turn conversations, plus device replays of a Zipf
-    workload at two pool sizes) and a CPU smoke run of the kernel benchmark, through the harness."""
+    workload at two pool sizes, each repeated twice for the timings' spread) and a CPU smoke run of the
+    kernel benchmark, through the harness."""
     shutil.rmtree(SWEEP, ignore_errors=True)
     # a run directory holding another run's results is not overwritten; these are rewritten every time
     shutil.rmtree(CI / "bench_kernels_run", ignore_errors=True)
@@ -47,7 +45,7 @@ def small_results(tmp_path_factory):
             jobs.append(["workload=multiturn", "replay=fast", f"policy={pol}", f"pool.capacity_blocks={cap}"])
     for cap in (64, 512):
         jobs.append(["workload=zipf", "workload.params.num_requests=8", "replay=device", "replay.device=cpu",
-                     "policy=lru", f"pool.capacity_blocks={cap}"])
+                     "policy=lru", f"pool.capacity_blocks={cap}", "replay.repeats=2"])
     bench = ["experiment=bench_kernels", "bench.smoke=true", "bench.device=cpu", "bench.timeout_s=300"]
     old = os.environ.pop("TRITON_INTERPRET", None)  # CPU replays and benchmarks use the reference ops
     GlobalHydra.instance().clear()
@@ -91,6 +89,13 @@ def test_small_results_are_complete(small_results):
         assert g.sort_values("capacity_blocks")["hit_rate"].is_monotonic_increasing, pol
     best = fast.pivot_table(index="capacity_blocks", columns="policy", values="hit_rate")
     assert (best["belady"] >= best.drop(columns="belady").max(axis=1) - 1e-12).all()
+    # the capacity's unit: 512-token workload blocks (fast), the tiny model's 16-token pool blocks (device)
+    assert set(fast["block_tokens"]) == {512} and set(df[df["mode"] == "device"]["block_tokens"]) == {16}
+    assert (df["capacity_tokens"] == df["capacity_blocks"] * df["block_tokens"]).all()
+    dev = df[df["mode"] == "device"]
+    assert (dev["repeats"] == 2).all() and dev["decode_tokens_per_s_min"].notna().all()
+    assert (dev["decode_tokens_per_s_min"] <= dev["decode_tokens_per_s"]).all()
+    assert (dev["decode_tokens_per_s"] <= dev["decode_tokens_per_s_max"]).all()
 
 
 def test_policy_comparison_notebook(small_results, tmp_path, monkeypatch):
