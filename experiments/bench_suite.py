@@ -34,6 +34,7 @@ from _bench_utils import cpu_name, device_name, percentiles, resolve_device, run
 from kvtriton import GPUMemoryAllocator, PoolExhaustedError, get_spec
 from kvtriton.ops import append_kv
 from kvtriton.spec import DESIGN_CACHE_BYTES
+from kvtriton.workloads import default_traces_dir
 from kvtriton.workloads import design_cache_tokens as _tokens_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -508,7 +509,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--only", nargs="*", type=int, default=None, help="run only these benchmarks (1-6)")
     ap.add_argument("--small", "--smoke", dest="small", action="store_true", help="smaller counts (smoke runs)")
-    ap.add_argument("--traces", default=os.environ.get("KVTRITON_TRACES", str(ROOT.parent / "shared" / "traces" / "mooncake")))
+    ap.add_argument("--traces", default=str(default_traces_dir()))
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     name = device_name(device) if device.type == "cuda" else cpu_name()

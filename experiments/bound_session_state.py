@@ -29,18 +29,17 @@ from __future__ import annotations
 import argparse
 import bisect
 import math
-import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
 
 from kvtriton.policies.base import EvictionPolicy
 from kvtriton.replay import simulate
-from kvtriton.workloads import load_mooncake
+from kvtriton.workloads import default_traces_dir, load_mooncake
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DEFAULT_TRACES = os.environ.get("KVTRITON_TRACES", str(ROOT.parent / "shared" / "traces" / "mooncake"))
+DEFAULT_TRACES = str(default_traces_dir())
 MAX_DEPTH = 5                                     # turns 5 and later share one bucket
 AGES = [0, 15, 30, 60, 90, 120, 180, 240, 360, 480, 720, 960, 1440, math.inf]   # seconds, bucket edges
 

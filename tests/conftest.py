@@ -10,8 +10,10 @@ import torch  # noqa: E402
 
 from pathlib import Path  # noqa: E402
 
+from kvtriton.workloads.paths import mooncake_trace_path  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = Path(os.environ.get("KVTRITON_TRACES", ROOT.parent / "shared" / "traces" / "mooncake"))
+TRACES = mooncake_trace_path("mooncake_conversation").parent
 
 
 def pytest_collection_modifyitems(config, items):

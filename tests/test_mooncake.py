@@ -86,3 +86,15 @@ def test_unknown_workload_parameter_lists_valid_ones():
     from kvtriton.workloads import make_workload
     with pytest.raises(ValueError, match="num_requestz.*valid parameters: num_requests"):
         make_workload("zipf", num_requestz=3)
+
+
+def test_trace_folder_rule(tmp_path, monkeypatch):
+    """One rule for every caller: $KVTRITON_TRACES, else shared/traces/mooncake beside the project."""
+    from kvtriton.workloads import default_traces_dir, mooncake_trace_path
+    monkeypatch.setenv("KVTRITON_TRACES", str(tmp_path))
+    assert mooncake_trace_path("mooncake-synthetic") == tmp_path / "synthetic_trace.jsonl"
+    monkeypatch.delenv("KVTRITON_TRACES")
+    monkeypatch.chdir(tmp_path)                     # no ../shared here: the checkout's neighbour is used
+    assert default_traces_dir().parts[-3:] == ("shared", "traces", "mooncake")
+    with pytest.raises(ValueError, match="valid: mooncake_conversation, mooncake_synthetic"):
+        mooncake_trace_path("agentic")

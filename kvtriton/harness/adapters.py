@@ -25,13 +25,10 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import PROJECT_ROOT, ConfigError, _project_path, device_knobs
+from .config import PROJECT_ROOT, ConfigError, device_knobs
+from kvtriton.workloads.paths import MOONCAKE_FILES, mooncake_trace_path
 
 log = logging.getLogger("kvtriton.harness")
-
-_TRACE_FILES = {"mooncake_conversation": "conversation_trace.jsonl",
-                "mooncake_synthetic": "synthetic_trace.jsonl"}
-
 
 def plain(node) -> Any:
     """A config node as plain Python (lists become tuples where the library expects ranges)."""
@@ -87,19 +84,18 @@ def workload_names() -> list[str]:
 def trace_file(wcfg) -> Path | None:
     """The trace file a Mooncake workload reads (None for synthetic workloads)."""
     name = str(wcfg.name).lower().replace("-", "_")
-    if name not in _TRACE_FILES:
+    if name not in MOONCAKE_FILES:
         return None
     if wcfg.trace_path:
         return Path(str(wcfg.trace_path))
-    folder = wcfg.traces_dir or os.environ.get("KVTRITON_TRACES") or _project_path("../shared/traces/mooncake")
-    return Path(str(folder)) / _TRACE_FILES[name]
+    return mooncake_trace_path(name, str(wcfg.traces_dir) if wcfg.traces_dir else None)
 
 
 def _workload_kwargs(cfg: DictConfig) -> tuple[str, dict]:
     name = str(cfg.workload.name).lower().replace("-", "_")
     params = dict(plain(cfg.workload.params) or {})
     limit = cfg.replay.max_requests
-    if name in _TRACE_FILES:
+    if name in MOONCAKE_FILES:
         params = dict(params, path=str(trace_file(cfg.workload)))
         if limit is not None:
             params["limit"] = int(limit)
@@ -313,12 +309,12 @@ def check_params(cfg: DictConfig) -> None:
     if not isinstance(wparams, dict):
         raise ConfigError("workload.params", wparams, "a mapping of the generator's keyword arguments")
     fn = WORKLOADS.get(wname)
-    own = _WORKLOAD_OWN["trace" if wname in _TRACE_FILES else "synthetic"]
+    own = _WORKLOAD_OWN["trace" if wname in MOONCAKE_FILES else "synthetic"]
     args = _arg_names(fn) if fn is not None else None
     if args is not None:
         names, required = args
         _check_names("workload.params", wparams, [n for n in names if n not in own], own,
-                     f"workload {wname!r}" + ("" if wname in _TRACE_FILES else f" ({fn.__name__})"))
+                     f"workload {wname!r}" + ("" if wname in MOONCAKE_FILES else f" ({fn.__name__})"))
         missing = [n for n in required if n not in wparams and n not in own]
         if missing:
             raise ConfigError(f"workload.params.{missing[0]}", None, f"a value: workload {wname!r} needs "

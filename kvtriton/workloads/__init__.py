@@ -4,34 +4,29 @@
 
 - ``mooncake_conversation`` / ``mooncake_synthetic``: the Mooncake traces. ``path`` (a file) or
   ``traces_dir`` (the folder holding ``conversation_trace.jsonl`` and ``synthetic_trace.jsonl``; default:
-  ``$KVTRITON_TRACES``, else ``../shared/traces/mooncake``), ``limit`` (first N requests).
+  ``$KVTRITON_TRACES``, else ``shared/traces/mooncake`` beside the project: see ``paths.py``), ``limit`` (first N requests).
 - ``zipf``: ``zipf_prefix_workload``; ``multiturn``: ``multiturn_workload``; ``design_mix``:
   ``design_mix_workload`` (their keyword arguments pass through).
 """
 
 from __future__ import annotations
 
-import os
 import inspect
-from pathlib import Path
 
 from .mooncake import load_mooncake
+from .paths import MOONCAKE_FILES, default_traces_dir, mooncake_trace_path
 from .request import Request
 from .synthetic import design_cache_tokens, design_mix_workload, multiturn_workload, zipf_prefix_workload
 
-DEFAULT_TRACES_DIR = "../shared/traces/mooncake"
-_TRACE_FILES = {"mooncake_conversation": "conversation_trace.jsonl",
-                "mooncake_synthetic": "synthetic_trace.jsonl"}
 
 
 def _mooncake(name):
     def load(path=None, traces_dir=None, limit=None):
         if path is None:
-            folder = traces_dir or os.environ.get("KVTRITON_TRACES", DEFAULT_TRACES_DIR)
-            path = Path(folder) / _TRACE_FILES[name]
+            path = mooncake_trace_path(name, traces_dir)
         return load_mooncake(path, limit=limit)
 
-    load.__doc__ = f"Load the Mooncake {_TRACE_FILES[name]} (``path`` or ``traces_dir``, ``limit``)."
+    load.__doc__ = f"Load the Mooncake {MOONCAKE_FILES[name]} (``path`` or ``traces_dir``, ``limit``)."
     return load
 
 
@@ -67,4 +62,5 @@ def make_workload(name: str, **kwargs) -> list[Request]:
 
 
 __all__ = ["Request", "load_mooncake", "zipf_prefix_workload", "multiturn_workload", "design_mix_workload",
-           "design_cache_tokens", "make_workload", "available_workloads", "WORKLOADS"]
+           "design_cache_tokens", "make_workload", "available_workloads", "WORKLOADS", "default_traces_dir",
+           "mooncake_trace_path", "MOONCAKE_FILES"]
