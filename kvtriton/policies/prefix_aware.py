@@ -6,6 +6,7 @@ from __future__ import annotations
 from ._refage import RefAgePolicy
 from ._util import check_capacity
 from .base import register_policy
+from .prefix_replay import PrefixCacheReplay
 
 
 
@@ -80,7 +81,7 @@ class PrefixAwarePolicy(RefAgePolicy):
         self.betas = tuple(float(b) for b in betas)
         self._shadows = None
         if adaptive:
-            self._shadows = [_Shadow(self._capacity, b, history) for b in self.betas]
+            self._shadows = [_shadow(self._capacity, b, history) for b in self.betas]
             self._scores = [0.0] * len(self.betas)
             self._decay = 0.5 ** (1.0 / half_life)
             self._every = every
@@ -112,7 +113,7 @@ class PrefixAwarePolicy(RefAgePolicy):
         keys = tuple(keys)
         scores, decay = self._scores, self._decay
         for i, sh in enumerate(self._shadows):
-            scores[i] = scores[i] * decay + sh.step(keys, request)
+            scores[i] = scores[i] * decay + _shadow_step(sh, keys, request)
         self._requests += 1
         if self._requests % self._every == 0:
             best = max(range(len(scores)), key=scores.__getitem__)
@@ -121,42 +122,13 @@ class PrefixAwarePolicy(RefAgePolicy):
                 self._set_beta(self.betas[best])
 
 
-class _Shadow:
-    """A fixed-``beta`` prefix cache of keys only, replaying requests with immediate release."""
+def _shadow(capacity, beta, history) -> PrefixCacheReplay:
+    """A fixed-``beta`` key-only prefix cache that replays requests with immediate release."""
+    return PrefixCacheReplay(PrefixAwarePolicy(capacity=capacity, beta=beta, history=history), capacity)
 
-    __slots__ = ("policy", "resident", "capacity", "_ops")
 
-    def __init__(self, capacity, beta, history):
-        pol = PrefixAwarePolicy(capacity=capacity, beta=beta, history=history)
-        self.policy = pol
-        self.resident = set()
-        self.capacity = capacity
-        self._ops = (pol.on_request, pol.access_and_pin, pol.insert_and_pin, pol.victim, pol.unpin_many)
-
-    def step(self, keys, request) -> int:
-        """Replay one request; return its prefix hits. Requests larger than the cache are skipped."""
-        res = self.resident
-        if len(keys) > self.capacity:
-            return 0
-        on_request, access_pin, insert_pin, victim, unpin_many = self._ops
-        h = 0
-        for k in keys:
-            if k in res:
-                h += 1
-            else:
-                break
-        on_request(keys, h, request)
-        n = len(res)
-        cap = self.capacity
-        for i, k in enumerate(keys):
-            if i < h or k in res:
-                access_pin(k)
-            else:
-                if n >= cap:
-                    res.discard(victim())
-                    n -= 1
-                insert_pin(k)
-                res.add(k)
-                n += 1
-        unpin_many(reversed(keys))
-        return h
+def _shadow_step(shadow: PrefixCacheReplay, keys, request) -> int:
+    """Replay one request through ``shadow``; its prefix hits. Requests larger than the cache are skipped."""
+    if len(keys) > shadow.capacity:
+        return 0
+    return shadow.step(keys, request)

@@ -32,8 +32,7 @@ from collections.abc import Sequence
 
 from ..policies import available_policies, canonical_name, make_policy
 from ..policies.base import EvictionPolicy as _Base
-
-ORDERS = ("prefix", "forward")
+from ..policies.prefix_replay import RELEASE_ORDERS as ORDERS, PrefixCacheReplay
 
 
 def _prepare(requests):
@@ -124,46 +123,23 @@ def simulate(requests, policy, capacity_blocks, *, order: str = "prefix", sample
     records = requests if want_context else None
 
     t0 = time.perf_counter()
-    limit = cap if cap is not None else float("inf")
-    res = set()
-    add, discard = res.add, res.discard
-    access_pin, insert_pin, unpin_many = pol.access_and_pin, pol.insert_and_pin, pol.unpin_many
-    victim, on_request = pol.victim, pol.on_request
-    prefix = order == "prefix"
-    hits = refs = tok_hits = tok_refs = evictions = 0
-    nres = 0
+    cache = PrefixCacheReplay(pol, cap, context=want_context, release=order)
+    step, res = cache.step, cache.resident
+    hits = refs = tok_hits = tok_refs = 0
     series = [] if sample_every else None
     for idx, (ids, bt, ntok) in enumerate(prepared):
-        h = 0
-        for k in ids:
-            if k in res:
-                h += 1
-            else:
-                break
+        h = step(ids, records[idx] if want_context else None)
         n = len(ids)
         hits += h
         refs += n
         tok_refs += ntok
         tok_hits += ntok if h == n else bt * h
-        if want_context:
-            on_request(ids, h, records[idx])
-        for k in ids:
-            if k in res:
-                access_pin(k)
-            else:
-                if nres >= limit:
-                    discard(victim())
-                    evictions += 1
-                    nres -= 1
-                insert_pin(k)
-                add(k)
-                nres += 1
-        unpin_many(reversed(ids) if prefix else ids)
         if series is not None and (idx + 1) % sample_every == 0:
             series.append({"requests": idx + 1, "hit_rate": hits / refs if refs else 0.0,
                            "token_hit_rate": tok_hits / tok_refs if tok_refs else 0.0,
-                           "occupancy": nres / cap if cap else float("nan"), "evictions": evictions})
+                           "occupancy": len(res) / cap if cap else float("nan"), "evictions": cache.evictions})
     seconds = time.perf_counter() - t0
+    evictions = cache.evictions
     hit_rate = hits / refs if refs else 0.0
     out = {"policy": pol.name, "capacity_blocks": cap, "hits": hits, "references": refs,
            "hit_rate": hit_rate, "token_hits": tok_hits, "token_references": tok_refs,
