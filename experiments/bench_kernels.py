@@ -5,7 +5,8 @@
     python experiments/bench_kernels.py --device cpu --smoke --out s.json  # tiny shapes, wall clock
 
 On CUDA: first every op is checked against its reference on small random shapes (exact equality for the
-copies, a float64 reference for attention); then each kernel and its baseline are timed with
+copies, a float64 reference for attention, functional and through ``PagedAttentionPlan``); then each
+kernel and its baseline are timed with
 ``triton.testing.do_bench`` (median, L2 flushed between runs) beside the device-to-device copy bandwidth
 measured in the same process (``torch.Tensor.copy_`` of 1 GiB, bytes read + written). Shapes: 32 query
 heads, 8 KV heads, head_dim 128, block size 16, bfloat16.
@@ -13,6 +14,19 @@ heads, 8 KV heads, head_dim 128, block size 16, bfloat16.
 Bytes are what the op must move: every byte it reads plus every byte it writes (K/V tiles, queries,
 outputs, index tensors); scratch traffic of the implementation (e.g. split-KV partials) is not counted.
 ``frac_copy`` = achieved GB/s / copy GB/s; ``speedup`` = baseline time / kernel time.
+
+Prefill (compute-bound) rows also report achieved TFLOP/s (``extra.tflops``: 4 * heads * head_dim per
+(query, key) pair a query attends to) for the kernel and its baseline:
+
+* no prefix, 1 to 64 sequences of 512 to 16,384 tokens, against ``F.scaled_dot_product_attention(
+  is_causal=True)`` on the same data made contiguous (flash backend; K/V heads repeated for GQA):
+  target speedup >= 0.8 at >= 4096 tokens;
+* a cached prefix (90% of each sequence in the pages, a chunk of 10% queried) against ``gather_kv`` +
+  SDPA with an offset mask: target >= 3x, and at most 1.5x the time per FLOP of a no-prefix prefill of
+  the same FLOPs, timed beside it (``extra.slowdown_vs_same_flops_prefill``);
+* a mixed step (sequences decoding plus prefill chunks after a prefix) through ``PagedAttentionPlan``,
+  eager and from a CUDA graph, against the prefill kernel over the whole batch (the one-launch
+  alternative) and the two functional ops on the two sub-batches (``extra.functional_two_ops_ms``).
 
 On CPU (``--device cpu``) the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` and the
 references otherwise; timings are ``time.perf_counter`` medians and only show that the pipeline works.
@@ -230,7 +244,36 @@ def run_checks(dev, small: bool):
                 worst.append(max(errs))
         return ok, f"max rel err {max(worst):.2e} (bf16 < 1e-2, fp32 < 1e-5; out, lse, block mass)"
 
+    def prefill():
+        worst, ok = [], True
+        hq = 4 * h
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            lens, chunks = [ctx, 1, ctx // 2 + 3, 0, 40], [ctx, 1, 17, 0, 1]   # plain, decode, prefix hit, empty
+            mb = -(-ctx // BS)
+            nb = len(lens) * mb + 2
+            arena = _arena(nb, 2, dev, dtype=dtype, h=h, d=d)
+            kc, vc = arena[:, 1, 0], arena[:, 1, 1]
+            tables = torch.randperm(nb, device=dev)[: len(lens) * mb].view(len(lens), mb).int()
+            seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+            cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+            cu[1:] = torch.tensor(chunks).cumsum(0)
+            q = torch.randn(int(cu[-1]), hq, d, device=dev).to(dtype)
+            r_out, r_lse = ref.paged_prefill_attention(q, kc, vc, tables, seq_lens, cu.to(dev), return_lse=True,
+                                                       sliding_window=None)
+            out, lse = ops.paged_prefill_attention(q, kc, vc, tables, seq_lens, cu.to(dev), return_lse=True)
+            plan = ops.PagedAttentionPlan().plan(tables.cpu(), seq_lens.cpu(), cu, num_q_heads=hq, num_kv_heads=h,
+                                                 head_dim=d, block_size=BS, num_blocks=nb, dtype=dtype, device=dev,
+                                                 return_lse=True)
+            p_out, p_lse = plan.run(q, kc, vc)
+            for o, lo in ((out, lse), (p_out, p_lse)):
+                errs = (_rel_err(o, r_out), _rel_err(lo, r_lse))
+                ok &= errs[0] < tol and errs[1] < 1e-5
+                worst.append(max(errs))
+        return ok, (f"functional and planned ({plan.mode}): max rel err {max(worst):.2e} (bf16 < 1e-2, "
+                    f"fp32 < 1e-5; out, lse)")
+
     for name, fn, kernels in (
+            ("paged_prefill_attention", prefill, ["paged_prefill_attention", "PagedAttentionPlan.run"]),
             ("append_kv", append, ["append_kv"]),
             ("gather_kv/blocks", gather, ["gather_kv", "gather_blocks", "scatter_blocks"]),
             ("move_blocks", move, ["move_blocks"]),
@@ -331,6 +374,201 @@ def bench_attention(dev, timer, copy_gbps, cases, hq, hkv, d):
                          block_tables="random permutation"))
         _print_row(rows[-1])
         del arena, kc, vc, tables, lens, q
+        _free(dev)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prefill (issue 12 section 4): no prefix vs SDPA(is_causal) on contiguous data; a cached prefix vs
+# gather + SDPA with an offset mask; a mixed batch through PagedAttentionPlan, eager and from a graph.
+# ----------------------------------------------------------------------------------------------------
+
+def _causal_flops(hq, d, pairs):
+    """Attention FLOPs: QK^T and PV, 2 FLOPs per multiply-add each, over ``pairs`` (query, key) pairs."""
+    return 4 * hq * d * pairs
+
+
+def _sdpa_flash(dev):
+    """SDPA restricted to the flash backend on CUDA (the fastest for causal 16-bit), any backend on CPU."""
+    import contextlib
+    if dev.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+
+
+def prefill_case(dev, lens, chunks, hq=HQ, hkv=HKV, d=D, seed=0):
+    """Paged prefill problem: the sequences' K/V already in the pages (random permutation block table, a
+    block-interleaved arena), queries of the last ``chunks[b]`` tokens packed by ``cu_seqlens_q``.
+    Returns ``(arena, kc, vc, tables, seq_lens, cu_seqlens_q (host), q)``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mb = max(1, -(-max(lens) // BS))
+    nb = len(lens) * mb
+    arena = torch.randn(nb, 1, 2, BS, hkv, d, device=dev, dtype=DTYPE)
+    tables = torch.randperm(nb, generator=g).view(len(lens), mb).int()
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(chunks).cumsum(0)
+    q = torch.randn(int(cu[-1]), hq, d, device=dev, dtype=DTYPE)
+    return arena, arena[:, 0, 0], arena[:, 0, 1], tables.to(dev), seq_lens.to(dev), cu, q
+
+
+def _contiguous_kv(kc, vc, tables, lens, hq):
+    """Each sequence's K/V gathered to contiguous ``[batch, hq, L, d]`` (GQA heads repeated) for SDPA."""
+    k, v, _ = ops.gather_kv(kc, vc, tables, lens)
+    batch, L = lens.shape[0], int(lens[0])
+    g = hq // kc.shape[2]
+    k = k.view(batch, L, kc.shape[2], kc.shape[3]).transpose(1, 2).repeat_interleave(g, 1).contiguous()
+    v = v.view(batch, L, kc.shape[2], kc.shape[3]).transpose(1, 2).repeat_interleave(g, 1).contiguous()
+    return k, v
+
+
+def bench_prefill(dev, timer, copy_gbps, cases, prefix_cases, hq, hkv, d):
+    """No prefix against SDPA(is_causal) on contiguous data (flash); a cached prefix (90% of each sequence,
+    chunk 10%) against gather + SDPA with an offset mask, and against the no-prefix prefill of the same
+    FLOPs (run beside it)."""
+    rows = []
+    esz = torch.empty((), dtype=DTYPE).element_size()
+    tflops_of = {}
+    for batch, n in cases:
+        arena, kc, vc, tables, lens, cu, q = prefill_case(dev, [n] * batch, [n] * batch, hq, hkv, d)
+        cu_d = cu.to(dev)
+        ms = timer(lambda: ops.paged_prefill_attention(q, kc, vc, tables, lens, cu_d))
+        k, v = _contiguous_kv(kc, vc, tables, lens, hq)
+        qs = q.view(batch, n, hq, d).transpose(1, 2).contiguous()
+
+        def sdpa():
+            with _sdpa_flash(dev):
+                return F.scaled_dot_product_attention(qs, k, v, is_causal=True)
+
+        agree = _rel_err(ops.paged_prefill_attention(q, kc, vc, tables, lens, cu_d).float(),
+                         sdpa().transpose(1, 2).reshape(batch * n, hq, d).float())
+        base_ms = timer(sdpa)
+        flops = _causal_flops(hq, d, batch * n * (n + 1) // 2)
+        tflops, base_tflops = flops / (ms * 1e-3) / 1e12, flops / (base_ms * 1e-3) / 1e12
+        tflops_of[(batch, n)] = tflops
+        nbytes = 2 * q.numel() * esz + 2 * batch * n * hkv * d * esz + tables.numel() * 4
+        rows.append(_row("paged_prefill_attention", f"prefill batch={batch} tokens={n}", nbytes, ms, copy_gbps,
+                         "sdpa(is_causal) contiguous (flash)", base_ms,
+                         target_speedup=0.8 if (n >= 4096 and dev.type == "cuda") else None,
+                         tflops=tflops, baseline_tflops=base_tflops, flops=flops, baseline_rel_diff=agree,
+                         prefix=0, layout="arena view; baseline: contiguous [batch, hq, n, d], K/V heads repeated"))
+        _print_row(rows[-1], f"{tflops:.1f} TFLOP/s vs {base_tflops:.1f}")
+        del arena, kc, vc, k, v, q, qs
+        _free(dev)
+    for batch, L in prefix_cases:
+        c = max(1, L // 10)
+        p = L - c
+        arena, kc, vc, tables, lens, cu, q = prefill_case(dev, [L] * batch, [c] * batch, hq, hkv, d, seed=1)
+        cu_d = cu.to(dev)
+        ms = timer(lambda: ops.paged_prefill_attention(q, kc, vc, tables, lens, cu_d))
+        mask = (torch.arange(L, device=dev)[None, :] <= p + torch.arange(c, device=dev)[:, None])
+        qs = q.view(batch, c, hq, d).transpose(1, 2)
+
+        def gather_sdpa():
+            k, v = _contiguous_kv(kc, vc, tables, lens, hq)
+            return F.scaled_dot_product_attention(qs, k, v, attn_mask=mask)
+
+        agree = _rel_err(ops.paged_prefill_attention(q, kc, vc, tables, lens, cu_d).float(),
+                         gather_sdpa().transpose(1, 2).reshape(batch * c, hq, d).float())
+        base_ms = timer(gather_sdpa)
+        flops = _causal_flops(hq, d, batch * (c * p + c * (c + 1) // 2))
+        tflops = flops / (ms * 1e-3) / 1e12
+        # The no-prefix prefill with the same FLOPs per sequence (n^2 / 2 ~ c * (p + c / 2)), beside it.
+        n_eq = max(16, int(round(math.sqrt(2 * (c * p + c * (c + 1) / 2)))))
+        a2, kc2, vc2, t2, l2, cu2, q2 = prefill_case(dev, [n_eq] * batch, [n_eq] * batch, hq, hkv, d, seed=2)
+        cu2_d = cu2.to(dev)
+        eq_ms = timer(lambda: ops.paged_prefill_attention(q2, kc2, vc2, t2, l2, cu2_d))
+        eq_flops = _causal_flops(hq, d, batch * n_eq * (n_eq + 1) // 2)
+        eq_tflops = eq_flops / (eq_ms * 1e-3) / 1e12
+        del a2, kc2, vc2, q2
+        nbytes = 2 * q.numel() * esz + 2 * batch * L * hkv * d * esz + tables.numel() * 4
+        within = eq_tflops / tflops if tflops else float("nan")
+        rows.append(_row("paged_prefill_attention", f"prefix batch={batch} L={L} chunk={c}", nbytes, ms, copy_gbps,
+                         "gather_kv+sdpa (offset mask)", base_ms,
+                         target_speedup=3.0 if dev.type == "cuda" else None,
+                         tflops=tflops, baseline_tflops=flops / (base_ms * 1e-3) / 1e12, flops=flops,
+                         prefix=p, chunk=c, baseline_rel_diff=agree, same_flops_prefill_tokens=n_eq,
+                         same_flops_prefill_ms=eq_ms, same_flops_prefill_tflops=eq_tflops,
+                         slowdown_vs_same_flops_prefill=within,
+                         meets_same_flops_target=(within <= 1.5) if dev.type == "cuda" else None))
+        _print_row(rows[-1], f"{tflops:.1f} TFLOP/s; no-prefix prefill of the same FLOPs {eq_tflops:.1f} "
+                             f"TFLOP/s ({within:.2f}x, target <= 1.5x)")
+        del arena, kc, vc, q
+        _free(dev)
+    return rows
+
+
+def mixed_case(dev, n_decode, ctx, n_prefill, chunk, prefix, hq=HQ, hkv=HKV, d=D):
+    """A scheduler's mixed step: ``n_decode`` sequences decoding at ``ctx`` tokens, interleaved with
+    ``n_prefill`` chunks of ``chunk`` tokens after a cached ``prefix``."""
+    lens, chunks = [], []
+    for i in range(n_decode + n_prefill):
+        if i % max(1, (n_decode + n_prefill) // max(1, n_prefill)) == 0 and chunks.count(chunk) < n_prefill:
+            lens.append(prefix + chunk)
+            chunks.append(chunk)
+        else:
+            lens.append(ctx)
+            chunks.append(1)
+    return prefill_case(dev, lens, chunks, hq, hkv, d, seed=3) + (lens, chunks)
+
+
+def bench_mixed(dev, timer, copy_gbps, cases, hq, hkv, d):
+    """A mixed batch through PagedAttentionPlan (decode kernel on the one-token chunks, prefill kernel on
+    the rest), eager and from a CUDA graph, against the prefill kernel over the whole batch (the
+    one-launch alternative) and against the two functional ops on the two sub-batches."""
+    rows = []
+    esz = torch.empty((), dtype=DTYPE).element_size()
+    for n_decode, ctx, n_prefill, chunk, prefix in cases:
+        arena, kc, vc, tables, lens, cu, q, lens_l, chunks = mixed_case(dev, n_decode, ctx, n_prefill, chunk,
+                                                                        prefix, hq, hkv, d)
+        plan = ops.PagedAttentionPlan().plan(tables.cpu(), lens.cpu(), cu, num_q_heads=hq, num_kv_heads=hkv,
+                                             head_dim=d, block_size=BS, num_blocks=kc.shape[0], dtype=DTYPE,
+                                             device=dev)
+        cu_d = cu.to(dev)
+        ms = timer(lambda: plan.run(q, kc, vc))
+        whole_ms = timer(lambda: ops.paged_prefill_attention(q, kc, vc, tables, lens, cu_d))
+        one = [b for b, c in enumerate(chunks) if c == 1]
+        many = [b for b, c in enumerate(chunks) if c > 1]
+        d_rows = cu[one].long().to(dev)
+        p_rows = torch.cat([torch.arange(int(cu[b]), int(cu[b + 1])) for b in many]).to(dev)
+        p_cu = torch.zeros(len(many) + 1, dtype=torch.int32)
+        p_cu[1:] = torch.tensor([chunks[b] for b in many]).cumsum(0)
+        p_cu = p_cu.to(dev)
+        t_one, l_one, t_many, l_many = tables[one], lens[one], tables[many], lens[many]
+
+        def functional():
+            out = torch.empty_like(q)
+            out[d_rows] = ops.paged_decode_attention(q[d_rows], kc, vc, t_one, l_one)
+            out[p_rows] = ops.paged_prefill_attention(q[p_rows], kc, vc, t_many, l_many, p_cu)
+            return out
+
+        func_ms = timer(functional)
+        out = plan.run(q, kc, vc)
+        agree = _rel_err(out.float(), ops.paged_prefill_attention(q, kc, vc, tables, lens, cu_d).float())
+        same = bool(torch.equal(out, functional()))
+        pairs = sum(c * (L - c) + c * (c + 1) // 2 for L, c in zip(lens_l, chunks))
+        flops = _causal_flops(hq, d, pairs)
+        kv_tokens = sum(lens_l)
+        nbytes = 4 * q.numel() * esz + 2 * kv_tokens * hkv * d * esz + tables.numel() * 4
+        extra = {}
+        g_ms = timer.graph(lambda: plan.run(q, kc, vc))
+        if g_ms is not None:
+            extra = {"graph_ms": g_ms, "graph_gbps": nbytes / (g_ms * 1e-3) / 1e9,
+                     "graph_frac_copy": nbytes / (g_ms * 1e-3) / 1e9 / copy_gbps if copy_gbps else None,
+                     "graph_tflops": flops / (g_ms * 1e-3) / 1e12}
+            wg = timer.graph(lambda: ops.paged_prefill_attention(q, kc, vc, tables, lens, cu_d))
+            if wg is not None:
+                extra["baseline_graph_ms"] = wg
+                extra["graph_speedup"] = wg / g_ms
+        rows.append(_row("PagedAttentionPlan.run", f"mixed {n_decode}x{ctx} decode + {n_prefill}x{chunk} "
+                         f"(prefix {prefix})", nbytes, ms, copy_gbps, "prefill kernel, whole batch", whole_ms,
+                         **extra, tflops=flops / (ms * 1e-3) / 1e12, flops=flops, functional_two_ops_ms=func_ms,
+                         vs_functional=func_ms / ms, equals_functional_parts=same, baseline_rel_diff=agree,
+                         launches=plan.describe().__repr__()))
+        _print_row(rows[-1], f"functional decode+prefill {func_ms:.4f} ms; graph "
+                             f"{_fmt(extra.get('graph_ms'), '.4f')} ms")
+        del arena, kc, vc, q, plan
         _free(dev)
     return rows
 
@@ -493,10 +731,10 @@ def _fmt(x, spec):
     return format(x, spec)
 
 
-def _print_row(r):
+def _print_row(r, note=""):
     print(f"  {r['kernel']:<22} {r['case']:<30} {_fmt(r['ms'], '.4f'):>9} ms {_fmt(r['gbps'], '.1f'):>8} GB/s "
           f"{_fmt(r['frac_copy'], '.2f'):>5} of copy | {r['baseline']}: {_fmt(r['baseline_ms'], '.4f')} ms "
-          f"-> {_fmt(r['speedup'], '.2f')}x", flush=True)
+          f"-> {_fmt(r['speedup'], '.2f')}x" + (f" | {note}" if note else ""), flush=True)
 
 
 def print_table(results, copy_gbps, device):
@@ -517,6 +755,14 @@ def print_table(results, copy_gbps, device):
                   f"{_fmt(e['graph_gbps'], '.1f'):>8} {_fmt(e['graph_frac_copy'], '.2f'):>5} {'':>6} "
                   f"{'baseline from a CUDA graph':<28} {_fmt(e.get('baseline_graph_ms'), '.4f'):>9} "
                   f"{_fmt(e.get('graph_speedup'), '.2f'):>7}")
+        if "tflops" in r["extra"]:
+            e = r["extra"]
+            print(f"{'':<22} {'  TFLOP/s (kernel, baseline)':<32} {_fmt(e['tflops'], '.1f'):>9} "
+                  f"{_fmt(e.get('baseline_tflops'), '.1f'):>8}"
+                  + (f"   same-FLOPs no-prefix prefill {_fmt(e['slowdown_vs_same_flops_prefill'], '.2f')}x slower "
+                     f"(target <= 1.5x)" if "slowdown_vs_same_flops_prefill" in e else "")
+                  + (f"   two functional ops {_fmt(e['functional_two_ops_ms'], '.4f')} ms" if
+                     "functional_two_ops_ms" in e else ""))
         if r["kernel"] == "paged_decode_attention" and "sdpa_contiguous_ms" in r["extra"]:
             e = r["extra"]
             print(f"{'':<22} {'  vs SDPA on contiguous K/V':<32} {'':>9} {'':>8} {'':>5} {'':>6} "
@@ -571,6 +817,8 @@ def main(argv=None) -> int:
         gather_cases, gather_layers, ragged = [16], 1, (2, 64)
         move_cases, move_layers = [8], 2
         compact_case = (2, 64)
+        prefill_cases, prefix_cases = [(2, 32)], [(2, 80)]
+        mixed_cases = [(3, 48, 1, 16, 24)]
     else:
         hq, hkv, d = HQ, HKV, D
         copy_bytes = GiB
@@ -579,6 +827,11 @@ def main(argv=None) -> int:
         gather_cases, gather_layers, ragged = [1024, 16384], 4, (32, 4096)
         move_cases = [1024, 8192]
         compact_case = (32, 4096)
+        # Prefill: 1 to 64 sequences of 512 to 16,384 tokens; a cached prefix of 90% (chunk 10%); a
+        # mixed step of decoding sequences and prefill chunks after a prefix.
+        prefill_cases = [(64, 512), (16, 2048), (4, 4096), (2, 8192), (1, 16384)]
+        prefix_cases = [(16, 4096), (4, 8192), (1, 16384)]
+        mixed_cases = [(32, 2048, 2, 512, 1536), (128, 1024, 4, 256, 2048)]
         # Blocks of a 32-layer model (2 MiB each) when the arena (2 * 8192 + 64 blocks) and the
         # baseline's staging copy fit in 70% of device memory; fewer layers otherwise (recorded in extra).
         move_layers = 32
@@ -588,6 +841,7 @@ def main(argv=None) -> int:
             while move_layers > 1 and (2 * max(move_cases) + 64 + max(move_cases)) * move_layers * per_layer_block > 0.7 * total:
                 move_layers //= 2
         if args.quick:
+            prefill_cases, prefix_cases, mixed_cases = [(4, 4096)], [(4, 8192)], mixed_cases[:1]
             attn_cases = [(32, 4096), (8, 32768)]
             append_cases = [4096]
             gather_cases = [16384]
@@ -600,6 +854,9 @@ def main(argv=None) -> int:
     results = []
     sections = [
         ("paged_decode_attention", lambda: bench_attention(dev, timer, copy_gbps, attn_cases, hq, hkv, d)),
+        ("paged_prefill_attention", lambda: bench_prefill(dev, timer, copy_gbps, prefill_cases, prefix_cases,
+                                                          hq, hkv, d)),
+        ("mixed batch (PagedAttentionPlan)", lambda: bench_mixed(dev, timer, copy_gbps, mixed_cases, hq, hkv, d)),
         ("append_kv", lambda: bench_append(dev, timer, copy_gbps, append_cases, hkv, d)),
         ("gather", lambda: bench_gather(dev, timer, copy_gbps, gather_cases, gather_layers, hkv, d, ragged)),
         ("move_blocks", lambda: bench_move(dev, timer, copy_gbps, move_cases, move_layers, hkv, d)),

@@ -5,8 +5,14 @@ heads, 8 KV heads, head_dim 128, block 16, bf16), prints and writes as JSON:
 
 * host microseconds per call (wall clock over back-to-back calls, then one sync), for: the public op,
   the registered op through ``torch.ops.kvtriton`` (the dispatcher), and argument validation alone;
+* for attention, ``PagedAttentionPlan``: host microseconds of ``plan()`` (once per step) and of ``run()``
+  (once per layer; target <= 15 us), and run's device time from a CUDA graph;
+* a mixed batch (decoding sequences plus prefill chunks) through the plan: run's host time against
+  the two functional ops it replaces;
 * device time from a CUDA graph of the public op (no launch cost);
 * for attention, the graph time at each forced ``num_splits`` next to the heuristic's choice.
+
+``--device cpu`` runs the CPU twin instead (``profile_ops_cpu.py``: every op against direct PyTorch).
 
     python experiments/profile_ops.py --out profile_ops.json
 """
@@ -26,13 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from bench_kernels import Timer, append_case, attention_case  # noqa: E402
+from bench_kernels import Timer, append_case, attention_case, mixed_case  # noqa: E402
 from kvtriton import ops  # noqa: E402
 from kvtriton.ops import attention as attn_mod  # noqa: E402
 from kvtriton.ops.attention import _device_sms, decode_launch_config  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
+PLAN_RUN_TARGET_US = 15.0
 
 
 def host_us(fn, dev, n=2000) -> float:
@@ -98,7 +105,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--wide", action="store_true", help="sweep split-KV over more (batch, context) shapes")
     ap.add_argument("--cprofile", action="store_true", help="also print a cProfile of eager calls")
-    a = ap.parse_args(argv)
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for the CPU twin (profile_ops_cpu.py)")
+    a, rest = ap.parse_known_args(argv)
+    if a.device == "cpu":
+        import profile_ops_cpu
+        return profile_ops_cpu.main((["--out", a.out] if a.out else []) + rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if not torch.cuda.is_available():
         print("profile_ops needs a CUDA device", file=sys.stderr)
         return 2
@@ -106,7 +119,7 @@ def main(argv=None) -> int:
     timer = Timer(dev, smoke=False)
     out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "append": [], "attention": []}
+           "append": [], "attention": [], "mixed": [], "plan_run_target_us": PLAN_RUN_TARGET_US}
     print(f"profile_ops on {out['device']}", flush=True)
     for n in (256, 4096):
         arena, kc, vc, slots, k, v = append_case(dev, n)
@@ -136,6 +149,22 @@ def main(argv=None) -> int:
                "dispatcher_host_us": host_us(lambda: torch.ops.kvtriton.paged_decode_attention(
                    q, kc, vc, tables, lens, D ** -0.5, 0, False, 0), dev, 500),
                "splits": {}}
+        tables_h, lens_h = tables.cpu(), lens.cpu()
+
+        def make_plan():
+            return ops.PagedAttentionPlan().plan(tables_h, lens_h, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                                                 block_size=BS, num_blocks=kc.shape[0], dtype=DTYPE, device=dev)
+
+        plan = make_plan()
+        row["plan_host_us"] = host_us(lambda: plan.plan(tables_h, lens_h, num_q_heads=HQ, num_kv_heads=HKV,
+                                                        head_dim=D, block_size=BS, num_blocks=kc.shape[0],
+                                                        dtype=DTYPE, device=dev), dev, 200)
+        row["plan_run_host_us"] = host_us(lambda: plan.run(q, kc, vc), dev, 2000)
+        g = timer.graph(lambda: plan.run(q, kc, vc))
+        row["plan_run_graph_us"] = g * 1e3 if g is not None else None
+        row["plan_run_meets_target"] = row["plan_run_host_us"] <= PLAN_RUN_TARGET_US
+        if a.cprofile and (batch, ctx) == (32, 1024):
+            _cprofile("PagedAttentionPlan.run (32, 1024)", lambda: plan.run(q, kc, vc), dev)
         for sp in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, cfg.num_splits}):
             if sp > mb // 2 and sp != 1:
                 continue
@@ -152,11 +181,50 @@ def main(argv=None) -> int:
         row["best_splits"] = best[0]
         out["attention"].append(row)
         print(f"attention batch={batch} ctx={ctx}: host per call public {row['public_host_us']:.1f} us (validation "
-              f"{row['validate_host_us']:.1f}, via dispatcher {row['dispatcher_host_us']:.1f}); heuristic splits "
+              f"{row['validate_host_us']:.1f}, via dispatcher {row['dispatcher_host_us']:.1f}); planned: plan() "
+              f"{row['plan_host_us']:.1f} us per step, run() {row['plan_run_host_us']:.1f} us per layer (target <= "
+              f"{PLAN_RUN_TARGET_US:.0f}: {'met' if row['plan_run_meets_target'] else 'MISSED'}), run from a graph "
+              f"{row['plan_run_graph_us'] or float('nan'):.1f} us; heuristic splits "
               f"{cfg.num_splits}; graph us by splits: "
               + ", ".join(f"{sp}: {r['graph_us']:.1f} ({r['frac_copy_gbps']:.0f} GB/s)" for sp, r in row["splits"].items()),
               flush=True)
-        del arena, kc, vc, tables, lens, q
+        del arena, kc, vc, tables, lens, q, plan
+        torch.cuda.empty_cache()
+    for n_decode, ctx, n_prefill, chunk, prefix in ((32, 1024, 2, 256, 768), (128, 2048, 4, 512, 1536)):
+        arena, kc, vc, tables, lens, cu, q, lens_l, chunks = mixed_case(dev, n_decode, ctx, n_prefill, chunk, prefix)
+        tables_h, lens_h = tables.cpu(), lens.cpu()
+        plan = ops.PagedAttentionPlan().plan(tables_h, lens_h, cu, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                                             block_size=BS, num_blocks=kc.shape[0], dtype=DTYPE, device=dev)
+        one = [b for b, c in enumerate(chunks) if c == 1]
+        many = [b for b, c in enumerate(chunks) if c > 1]
+        d_rows = cu[one].long().to(dev)
+        p_rows = torch.cat([torch.arange(int(cu[b]), int(cu[b + 1])) for b in many]).to(dev)
+        p_cu = torch.zeros(len(many) + 1, dtype=torch.int32)
+        p_cu[1:] = torch.tensor([chunks[b] for b in many]).cumsum(0)
+        p_cu = p_cu.to(dev)
+        t1, l1, t2, l2 = tables[one], lens[one], tables[many], lens[many]
+        q1, q2 = q[d_rows], q[p_rows]
+
+        def functional():
+            ops.paged_decode_attention(q1, kc, vc, t1, l1)
+            ops.paged_prefill_attention(q2, kc, vc, t2, l2, p_cu)
+
+        row = {"decode": [n_decode, ctx], "prefill": [n_prefill, chunk, prefix], "launches": plan.describe().__repr__(),
+               "plan_host_us": host_us(lambda: plan.plan(tables_h, lens_h, cu, num_q_heads=HQ, num_kv_heads=HKV,
+                                                         head_dim=D, block_size=BS, num_blocks=kc.shape[0],
+                                                         dtype=DTYPE, device=dev), dev, 200),
+               "plan_run_host_us": host_us(lambda: plan.run(q, kc, vc), dev, 2000),
+               "functional_host_us": host_us(functional, dev, 500)}
+        g = timer.graph(lambda: plan.run(q, kc, vc))
+        row["plan_run_graph_us"] = g * 1e3 if g is not None else None
+        row["plan_run_meets_target"] = row["plan_run_host_us"] <= PLAN_RUN_TARGET_US
+        out["mixed"].append(row)
+        print(f"mixed {n_decode}x{ctx} decode + {n_prefill}x{chunk} prefill (prefix {prefix}): plan() "
+              f"{row['plan_host_us']:.1f} us, run() {row['plan_run_host_us']:.1f} us per layer (target <= "
+              f"{PLAN_RUN_TARGET_US:.0f}: {'met' if row['plan_run_meets_target'] else 'MISSED'}) vs the two "
+              f"functional ops {row['functional_host_us']:.1f} us; run from a graph "
+              f"{row['plan_run_graph_us'] or float('nan'):.1f} us", flush=True)
+        del arena, kc, vc, q, plan
         torch.cuda.empty_cache()
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2))

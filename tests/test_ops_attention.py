@@ -355,10 +355,12 @@ def test_max_scale_is_accepted_and_finite():
     assert _rel_err(out, r_out) < 1e-5 and _rel_err(lse, r_lse) < 1e-5
 
 
-def test_out_of_range_block_ids_are_not_followed():
+@pytest.mark.parametrize("path", ["auto", "reference"])
+def test_out_of_range_block_ids_are_not_followed(path):
     """Block ids are range-checked on the host only where that needs no sync; the kernel must never read
     outside the cache for an unchecked bad id (here called through the registered op, which does no value
-    checks). Such a token reads K = V = 0: the reference on a cache with an extra zero block agrees."""
+    checks). Such a token reads K = V = 0, on the kernel and on the PyTorch path: the reference on a cache
+    with an extra zero block agrees."""
     gen = torch.Generator().manual_seed(19)
     bs, hkv, d, nb = 4, 2, 16, 8
     kbuf = torch.randn(nb + 4, bs, hkv, d, generator=gen)
@@ -370,7 +372,8 @@ def test_out_of_range_block_ids_are_not_followed():
     tables = torch.tensor([[3, nb, 1], [-1, 5, 0]], dtype=torch.int32)
     lens = torch.tensor([10, 7], dtype=torch.int32)
     q = torch.randn(2, 4, d, generator=gen)
-    out, lse, mass = torch.ops.kvtriton.paged_decode_attention(q, kc, vc, tables, lens, 0.25, 0, True, 2)
+    with ops.backend(path):
+        out, lse, mass = torch.ops.kvtriton.paged_decode_attention(q, kc, vc, tables, lens, 0.25, 0, True, 2)
     zk = torch.cat([kc, torch.zeros(1, bs, hkv, d)])
     zv = torch.cat([vc, torch.zeros(1, bs, hkv, d)])
     fixed = torch.where((tables < 0) | (tables >= nb), nb, tables)
@@ -396,13 +399,15 @@ def build(fn, types, consts, warps):
 
 f32 = ["PM", "PL", "PACC", "MASS", "MREF", "LSE"]
 types = {**{n: "*bf16" for n in ["Q", "K", "V", "O"]}, **{n: "*fp32" for n in f32},
-         "BT": "*i32", "SL": "*i32", "scale_log2": "fp32"}
-for split in (False, True):
+         "BT": "*i32", "SL": "*i32", "QROW": "*i32", "scale_log2": "fp32"}
+for split, qrow in ((False, False), (True, False), (False, True), (True, True)):
     assert build(attn._decode_partial_kernel, types,
                  {"GROUP": 4, "G_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": 64, "SPLIT": split,
-                  "WRITE_MASS": split, "F32_DOT": False, "FAST_LOG2": True}, 4)
-assert build(attn._decode_merge_kernel, types,
-             {"HEAD_DIM": 128, "SPLITS_PAD": 4, "BLOCK_SIZE": 16, "BLOCK_B": 128, "WRITE_MASS": True}, 4)
+                  "WRITE_MASS": split and not qrow, "F32_DOT": False, "FAST_LOG2": True, "HAS_QROW": qrow}, 4)
+for qrow in (False, True):
+    assert build(attn._decode_merge_kernel, types,
+                 {"HEAD_DIM": 128, "SPLITS_PAD": 4, "BLOCK_SIZE": 16, "BLOCK_B": 128, "WRITE_MASS": not qrow,
+                  "HAS_QROW": qrow}, 4)
 print("OK")
 '''
 

@@ -198,15 +198,18 @@ def test_non_finite_scores_poison_their_rows_on_both_paths(poison):
         assert _rel_err(out, r_out) < 1e-5 and _rel_err(lse, r_lse) < 1e-5
 
 
-def test_out_of_range_block_ids_are_not_followed():
+@pytest.mark.parametrize("path", ["auto", "reference"])
+def test_out_of_range_block_ids_are_not_followed(path):
     """The registered op does no value checks (nor does the public one on CUDA without debug checks): a
-    block id outside the cache must not become a read outside it. Such a block reads as K = V = 0."""
+    block id outside the cache must not become a read outside it. Such a block reads as K = V = 0, on
+    the kernel and on the PyTorch path."""
     gen = torch.Generator().manual_seed(14)
     q, kc, vc, tables, lens, cu = _case([40, 20], [15, 20], 8, 2, 64, 16, torch.float32, gen=gen)
     nb = kc.shape[0]
     bad = tables.clone()
     bad[0, 1], bad[1, 0] = nb + 5, -3
-    out, lse = torch.ops.kvtriton.paged_prefill_attention(q, kc, vc, bad, lens, cu, 0.125, 0)
+    with ops.backend(path):
+        out, lse = torch.ops.kvtriton.paged_prefill_attention(q, kc, vc, bad, lens, cu, 0.125, 0)
     zeros = torch.zeros_like(kc[:1])
     kz, vz = torch.cat([kc, zeros]), torch.cat([vc, zeros])       # block nb: all zeros
     fixed = bad.clone()
@@ -405,13 +408,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kvtriton.ops import prefill
 
-def build(dtype, group, d, bs, n_q, n_seq, **ones):
+def build(dtype, group, d, bs, n_q, n_seq, qstart=False, **ones):
     fn = prefill._prefill_kernel
     cfg = prefill.prefill_launch_config(n_q, n_seq, group, d, 4 if dtype == "fp32" else 2)
     consts = {**ones, "GROUP": group, "HEAD_DIM": d, "BLOCK_SIZE": bs, "BLOCK_M": cfg.block_m,
-              "BLOCK_Q": cfg.block_q, "BLOCK_N": cfg.block_n, "F32_DOT": dtype == "fp32"}
+              "BLOCK_Q": cfg.block_q, "BLOCK_N": cfg.block_n, "F32_DOT": dtype == "fp32", "HAS_QSTART": qstart}
     types = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "BT": "*i32",
-             "SL": "*i32", "CU": "*i64", "LSE": "*fp32", "scale_log2": "fp32", "stride_kb": "i64"}
+             "SL": "*i32", "CU": "*i64", "QSTART": "*i32", "LSE": "*fp32", "scale_log2": "fp32",
+             "stride_kb": "i64"}
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     div16 = ["Q", "K", "V", "O", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_vb", "stride_vt"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
@@ -422,6 +426,7 @@ def build(dtype, group, d, bs, n_q, n_seq, **ones):
     return {"cubin": bool(k.asm.get("cubin")), "tensor_cores": "wgmma" in ptx or "mma.sync" in ptx}
 
 out = {"bf16_prefill": build("bf16", 4, 128, 16, 8192, 4), "fp16_decode": build("fp16", 3, 256, 1, 8, 8),
+       "bf16_subset": build("bf16", 4, 128, 16, 8192, 4, qstart=True),
        "fp32": build("fp32", 9, 64, 256, 300, 2),
        # Triton specialises int arguments equal to 1 as constants (the binary search's bound included).
        "ones": build("bf16", 1, 64, 1, 1, 1, batch=1, num_tiles=1, num_kv_heads=1, max_blocks=1, window=1,

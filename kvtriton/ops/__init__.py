@@ -6,6 +6,7 @@ Public names and argument order are a stable contract; see each function's docst
 from ._backend import backend, debug_checks, use_triton
 from .append import append_kv
 from .attention import paged_decode_attention
+from .batch_attention import PagedAttentionPlan
 from .compact import compact_tokens
 from .gather import gather_blocks, gather_kv, scatter_blocks
 from .move import copy_blocks, move_blocks
@@ -13,6 +14,6 @@ from .prefill import paged_prefill_attention
 
 __all__ = [
     "append_kv", "gather_kv", "gather_blocks", "scatter_blocks", "move_blocks", "copy_blocks",
-    "compact_tokens", "paged_decode_attention", "paged_prefill_attention", "backend", "debug_checks",
-    "use_triton",
+    "compact_tokens", "paged_decode_attention", "paged_prefill_attention", "PagedAttentionPlan", "backend",
+    "debug_checks", "use_triton",
 ]

@@ -7,7 +7,9 @@ of range) that names the argument, and leaves every tensor as it was.
 Metadata checks (shapes, dtypes, devices, strides) are free and always run. Checks that read index
 values run only where they need no device sync: always for CPU tensors, for CUDA tensors only under
 ``debug_checks()`` / ``KVTRITON_DEBUG=1``, and never while ``torch.compile`` traces (the values are not
-known then). ``values_checkable(t)`` says which case applies.
+known then). ``values_checkable(t)`` says which case applies. Value checks read the values once, on the
+host (``host_values``: numpy views of CPU tensors, one device-to-host copy for CUDA ones), and raise only
+after a vectorised pass over them.
 
 Stable API (other op modules import these):
 
@@ -21,10 +23,12 @@ Stable API (other op modules import these):
 - ``unit_last_stride(t)`` -> bool
 - ``check_same_device(**tensors)``
 - ``values_checkable(*tensors)`` -> bool
+- ``host_values(*tensors)`` -> numpy arrays of their values (one sync at most).
 - ``check_range(name, t, low, high)``: ``low <= t < high`` (IndexError), when ``values_checkable``.
 - ``check_block_tables(block_tables, seq_lens, *, block_size, num_blocks, device)``
+- ``check_table_values(bt, sl, *, block_size, num_blocks)``: the same value checks on host arrays.
 - ``custom_op(name, *, mutates_args)``: ``torch.library.custom_op`` in the ``kvtriton`` namespace, as a
-  ``KVOp`` (eager CUDA calls skip the dispatcher).
+  ``KVOp`` (eager calls on plain CPU and CUDA tensors skip the dispatcher).
 - ``block_layout(shape, *strides)``: collapse a per-block layout to ``[rows, cols]`` for the copy kernels.
 - ``needs_i64_heads(H, D, *tensors)``: whether ``head * stride(-2) + d`` can pass 2^31 in any tensor.
 - ``device_guard(t)``: context making ``t``'s CUDA device current while a kernel launches.
@@ -36,7 +40,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
+
+try:
+    from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
+except Exception:  # pragma: no cover - private API moved
+    _torch_is_fake = None
 
 from ._backend import debug_checks
 
@@ -131,10 +141,11 @@ def check_same_device(**tensors) -> None:
 
 
 def _is_fake(t) -> bool:
+    if type(t) is torch.Tensor or _torch_is_fake is None:   # a FakeTensor is a subclass
+        return False
     try:
-        from torch._subclasses.fake_tensor import is_fake
-        return bool(is_fake(t))
-    except Exception:  # pragma: no cover - private API moved
+        return bool(_torch_is_fake(t))
+    except Exception:  # pragma: no cover
         return False
 
 
@@ -145,27 +156,65 @@ def values_checkable(*tensors) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if _is_fake(t) or t.device.type == "meta":
+        dev = t.device.type
+        if dev == "meta" or _is_fake(t):
             return False
-        if t.device.type != "cpu" and not debug_checks():
+        if dev != "cpu" and not debug_checks():
             return False
     return True
+
+
+def host_values(*tensors) -> list[np.ndarray]:
+    """The values of integer tensors as numpy arrays, in their shapes: zero-copy views of CPU tensors;
+    CUDA tensors are flattened into one int64 buffer and read back with a single copy (one sync)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.numpy() for t in tensors]
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]).cpu().numpy()
+    out, start = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(flat[start:start + n].reshape(tuple(t.shape)))
+        start += n
+    return out
+
+
+def _out_of_range(name: str, vals: np.ndarray, low: int, high: int) -> None:
+    if vals.size:
+        lo, hi = int(vals.min()), int(vals.max())
+        if lo < low or hi >= high:
+            raise IndexError(f"{name} values must be in [{low}, {high}), got {lo if lo < low else hi}")
 
 
 def check_range(name: str, t, low: int, high: int, *, mask=None) -> None:
     """Raise IndexError unless every value of ``t`` (where ``mask``) lies in ``[low, high)``.
 
-    Runs only when ``values_checkable(t)``; a no-op otherwise.
+    Runs only when ``values_checkable(t)``; a no-op otherwise. One host read of the values.
     """
     if t.numel() == 0 or not values_checkable(t):
         return
-    vals = t[mask] if mask is not None else t
-    if vals.numel() == 0:
-        return
-    lo, hi = int(vals.min()), int(vals.max())
-    if lo < low or hi >= high:
-        bad = lo if lo < low else hi
-        raise IndexError(f"{name} values must be in [{low}, {high}), got {bad}")
+    if mask is None:
+        (vals,) = host_values(t)
+    else:
+        vals, m = host_values(t, mask.to(torch.int64) if mask.device.type != "cpu" else mask)
+        vals = vals[m.astype(bool, copy=False)]
+    _out_of_range(name, vals, low, high)
+
+
+def check_table_values(bt: np.ndarray, sl: np.ndarray, *, block_size: int, num_blocks: int) -> None:
+    """The value checks of :func:`check_block_tables`, on host arrays ``bt [batch, max_blocks]`` and
+    ``sl [batch]``: one vectorised pass, IndexError naming the argument and the allowed range."""
+    max_blocks = bt.shape[1]
+    _out_of_range("seq_lens", sl, 0, max_blocks * block_size + 1)
+    if not bt.size or (bt.min() >= 0 and bt.max() < num_blocks):
+        return                                  # every entry in range, padding included
+    used = (sl.astype(np.int64) + block_size - 1) // block_size
+    in_use = np.arange(max_blocks)[None, :] < used[:, None]
+    if in_use.any():
+        info = np.iinfo(bt.dtype)
+        lo = int(np.min(bt, where=in_use, initial=info.max))
+        hi = int(np.max(bt, where=in_use, initial=info.min))
+        if lo < 0 or hi >= num_blocks:
+            raise IndexError(f"block_tables values must be in [0, {num_blocks}), got {lo if lo < 0 else hi}")
 
 
 def check_block_tables(block_tables, seq_lens, *, block_size: int, num_blocks: int, device) -> tuple[int, int]:
@@ -183,22 +232,32 @@ def check_block_tables(block_tables, seq_lens, *, block_size: int, num_blocks: i
         raise ValueError(f"seq_lens must have shape [batch] = [{batch}] (block_tables rows), "
                          f"got {tuple(seq_lens.shape)}")
     if batch and values_checkable(block_tables, seq_lens):
-        check_range("seq_lens", seq_lens, 0, max_blocks * block_size + 1)
-        used = (seq_lens.long() + block_size - 1) // block_size
-        mask = torch.arange(max_blocks, device=block_tables.device)[None, :] < used[:, None]
-        check_range("block_tables", block_tables, 0, num_blocks, mask=mask)
+        bt, sl = host_values(block_tables, seq_lens)
+        check_table_values(bt, sl, block_size=block_size, num_blocks=num_blocks)
     return batch, max_blocks
 
 
-class KVOp:
-    """A registered ``kvtriton::<name>`` op that eager CUDA calls reach without the dispatcher.
+_DIRECT_DEVICES = ("cuda", "cpu")
 
-    Calling it with a plain CUDA tensor first, outside ``torch.compile``, runs the implementation
-    directly: the ops are launch-bound at small sizes, and the dispatcher's Python round trip costs
-    more than a kernel launch. Every other call (CPU, fake or meta tensors, tracing, tensor
-    subclasses) goes through ``torch.ops.kvtriton.<name>``, so ``opcheck``, ``torch.compile`` and
-    fake-tensor propagation see the registered op. ``register_fake`` and ``op`` are the registered
-    op's.
+
+def _modes_active() -> bool:
+    try:
+        return torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled()
+    except AttributeError:  # pragma: no cover - private API moved: always dispatch
+        return True
+
+
+class KVOp:
+    """A registered ``kvtriton::<name>`` op that eager calls on plain tensors reach without the dispatcher.
+
+    Calling it with a plain (not a subclass) CUDA or CPU tensor first, outside ``torch.compile`` and
+    with no Python dispatch or function mode active, runs the implementation directly: the ops are
+    launch-bound at small sizes, and the dispatcher's Python round trip (15-20 us a call on a CPU) costs
+    more than a kernel launch. Every other call (fake or meta tensors, tracing, tensor subclasses,
+    dispatch modes) goes through ``torch.ops.kvtriton.<name>``, so ``opcheck``, ``torch.compile``,
+    fake-tensor propagation and dispatch modes see the registered op. ``register_fake`` and ``op`` are
+    the registered op's; ``direct(*args, **kw)`` calls the implementation (the public functions pass it
+    what their validation learned).
     """
 
     def __init__(self, op, fn):
@@ -206,18 +265,28 @@ class KVOp:
         self._fn = fn
         self.register_fake = op.register_fake
 
+    def eager(self, first) -> bool:
+        """Whether a call whose first argument is ``first`` may skip the dispatcher: a plain CPU/CUDA
+        tensor, no tracing, and no Python dispatch or function mode that expects to see the op."""
+        return (type(first) is torch.Tensor and first.device.type in _DIRECT_DEVICES
+                and not torch.compiler.is_compiling() and not _modes_active())
+
+    def direct(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
     def __call__(self, *args):
-        first = args[0]
-        if type(first) is torch.Tensor and first.is_cuda and not torch.compiler.is_compiling():
+        if self.eager(args[0]):
             return self._fn(*args)
         return self.op(*args)
 
 
-def custom_op(name: str, *, mutates_args: tuple[str, ...] | str):
+def custom_op(name: str, *, mutates_args: tuple[str, ...] | str, impl=None):
     """Decorator: register ``fn`` as ``torch.library.custom_op`` ``kvtriton::<name>`` for every device;
-    returns a :class:`KVOp`."""
+    returns a :class:`KVOp` whose direct calls run ``impl`` (default ``fn``; an ``impl`` may take extra
+    keyword arguments that the registered op does not)."""
     def wrap(fn):
-        return KVOp(torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(fn), fn)
+        return KVOp(torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(fn),
+                    impl if impl is not None else fn)
     return wrap
 
 

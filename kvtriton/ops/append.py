@@ -7,8 +7,8 @@ import torch
 
 from . import reference
 from ._backend import HAS_TRITON, use_triton
-from ._common import (as_index, check_cache, check_index, check_kv_cache, check_range, custom_op,
-                      device_guard, needs_i64_heads, unit_last_stride, values_checkable)
+from ._common import (as_index, check_cache, check_index, check_kv_cache, custom_op, device_guard, host_values,
+                      needs_i64_heads, unit_last_stride, values_checkable)
 from .gather import token_tile
 
 if HAS_TRITON:
@@ -62,14 +62,36 @@ def _launch_params(num_tokens: int, H: int, D: int) -> tuple[int, int, int, int]
     return block_t, block_h, block_d, num_warps
 
 
-@custom_op("append_kv", mutates_args=("key_cache", "value_cache"))
-def _append_kv_op(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
+def _slot_view(cache: torch.Tensor) -> torch.Tensor | None:
+    """``cache [num_blocks, block_size, H, D]`` as ``[num_slots, H, D]`` (a view), when its blocks are laid
+    out one after another (block stride = block_size x slot stride), else None."""
+    shape, stride = cache.shape, cache.stride()
+    if shape[0] > 1 and stride[0] != shape[1] * stride[1]:
+        return None
+    return cache.view(-1, shape[2], shape[3])
+
+
+def _append_reference(key, value, key_cache, value_cache, slot_mapping, padded: bool | None = None) -> None:
+    """The PyTorch path: ``index_copy_`` into slot views of the caches when they have them and no slot is
+    padding (``padded`` False, or found so here), else ``reference.append_kv``."""
+    if padded is None:
+        padded = bool(slot_mapping.numel()) and bool((slot_mapping < 0).any())
+    if not padded and key.shape[0]:
+        kf, vf = _slot_view(key_cache), _slot_view(value_cache)
+        if kf is not None and vf is not None:
+            slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
+            kf.index_copy_(0, slots, key if key.dtype == kf.dtype else key.to(kf.dtype))
+            vf.index_copy_(0, slots, value if value.dtype == vf.dtype else value.to(vf.dtype))
+            return
+    reference.append_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+def _append_impl(key, value, key_cache, value_cache, slot_mapping, padded: bool | None = None) -> None:
     # Called directly (torch.ops.kvtriton.append_kv, opcheck, torch.compile) nothing has been normalised:
     # the kernel needs a unit stride on the last dimension of every tensor it addresses.
     slot_mapping = as_index(slot_mapping)
     if not use_triton(key_cache) or not (unit_last_stride(key_cache) and unit_last_stride(value_cache)):
-        reference.append_kv(key, value, key_cache, value_cache, slot_mapping)
+        _append_reference(key, value, key_cache, value_cache, slot_mapping, padded)
         return
     num_tokens = key.shape[0]
     num_blocks, block_size, H, D = key_cache.shape
@@ -93,22 +115,43 @@ def _append_kv_op(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
             I64_HEADS=needs_i64_heads(H, D, key, value, key_cache, value_cache), num_warps=num_warps)
 
 
+@custom_op("append_kv", mutates_args=("key_cache", "value_cache"), impl=_append_impl)
+def _append_kv_op(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    _append_impl(key, value, key_cache, value_cache, slot_mapping)
+
+
 @_append_kv_op.register_fake
 def _(key, value, key_cache, value_cache, slot_mapping):
     return None
 
 
-def append_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-              slot_mapping: torch.Tensor) -> None:
-    """Write new tokens into the paged cache, in place.
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
+                 torch.float8_e4m3fn, torch.float8_e5m2) if hasattr(torch, "float8_e4m3fn") else (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8)
 
-    key, value: ``[num_tokens, num_kv_heads, head_dim]``, any dtype castable to the cache's, last
-    dimension contiguous. key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``,
-    any strides with the last dimension contiguous. slot_mapping: int64 (or int32) ``[num_tokens]``,
-    ``slot = block * block_size + offset``; a negative slot is padding and is skipped. Slots must be
-    distinct (two tokens written to one slot leave it undefined).
-    """
-    slot_mapping = as_index(slot_mapping)
+
+def _plain_args(key, value, key_cache, value_cache, slot_mapping) -> bool:
+    """The common case in a few attribute reads (every condition implies what ``_check_args`` checks):
+    plain tensors on one device, the usual layouts and dtypes, nothing else to report."""
+    T = torch.Tensor
+    if not (type(key) is T and type(value) is T and type(key_cache) is T and type(value_cache) is T
+            and type(slot_mapping) is T) or torch.compiler.is_compiling():
+        return False
+    shape = key_cache.shape
+    return (len(shape) == 4 and value_cache.shape == shape and key.dim() == 3 and key.shape == value.shape
+            and key.shape[1] == shape[2] and key.shape[2] == shape[3] and slot_mapping.dim() == 1
+            and slot_mapping.shape[0] == key.shape[0] and slot_mapping.dtype in (torch.int64, torch.int32)
+            and key_cache.dtype == value_cache.dtype and key_cache.dtype in _CACHE_DTYPES
+            and key.dtype in _CACHE_DTYPES and value.dtype in _CACHE_DTYPES
+            and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1 and key.stride(-1) == 1
+            and value.stride(-1) == 1 and key_cache.numel() > 0
+            and key_cache.data_ptr() != value_cache.data_ptr()
+            and (dev := key_cache.device) == value_cache.device and key.device == dev and value.device == dev
+            and slot_mapping.device == dev)
+
+
+def _check_args(key, value, key_cache, value_cache, slot_mapping) -> None:
     num_blocks, block_size, H, D = check_kv_cache(key_cache, value_cache)
     check_cache("key", key, ndim=3)
     check_cache("value", value, ndim=3)
@@ -124,6 +167,40 @@ def append_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, v
     if slot_mapping.shape[0] != key.shape[0]:
         raise ValueError(f"slot_mapping must have shape [num_tokens] = [{key.shape[0]}], "
                          f"got {tuple(slot_mapping.shape)}")
-    if values_checkable(slot_mapping):
-        check_range("slot_mapping", slot_mapping, 0, num_blocks * block_size, mask=slot_mapping >= 0)
-    _append_kv_op(key, value, key_cache, value_cache, slot_mapping)
+
+
+def append_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+    """Write new tokens into the paged cache, in place.
+
+    key, value: ``[num_tokens, num_kv_heads, head_dim]``, any dtype castable to the cache's, last
+    dimension contiguous. key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``,
+    any strides with the last dimension contiguous. slot_mapping: int64 (or int32) ``[num_tokens]``,
+    ``slot = block * block_size + offset``; a negative slot is padding and is skipped. Slots must be
+    distinct (two tokens written to one slot leave it undefined).
+    """
+    slot_mapping = as_index(slot_mapping)
+    plain = _plain_args(key, value, key_cache, value_cache, slot_mapping)
+    if not plain:
+        _check_args(key, value, key_cache, value_cache, slot_mapping)       # raises the precise error
+    num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
+    padded = None
+    n = slot_mapping.shape[0]
+    cpu = key_cache.device.type == "cpu"
+    if n and (cpu and plain or values_checkable(slot_mapping)):
+        # One host read: negative slots are padding, the rest must lie in the cache.
+        if n <= 256 and cpu:
+            vals = slot_mapping.tolist()
+            lo, hi = min(vals), max(vals)
+        else:
+            (slots,) = host_values(slot_mapping)
+            lo, hi = int(slots.min()), int(slots.max())
+        if hi >= num_blocks * block_size:
+            raise IndexError(f"slot_mapping values must be in [0, {num_blocks * block_size}), got {hi}")
+        padded = lo < 0
+    if plain and cpu and not use_triton(key_cache):                        # the PyTorch path, inline
+        _append_reference(key, value, key_cache, value_cache, slot_mapping, padded)
+    elif _append_kv_op.eager(key):
+        _append_kv_op.direct(key, value, key_cache, value_cache, slot_mapping, padded)
+    else:
+        _append_kv_op(key, value, key_cache, value_cache, slot_mapping)

@@ -17,6 +17,12 @@ Design, for a memory-bound op on Hopper-class GPUs:
 
 Block offsets are computed in int64 (``block_id * block_stride`` passes 2^31 in large arenas). The launch
 heuristics live in :func:`decode_launch_config` so they can be tuned in one place.
+
+One code path: :class:`DecodeLaunch` prepares a launch (config, buffers, launchers) and launches it; the
+functional op builds one per call, :class:`~kvtriton.ops.PagedAttentionPlan` one per plan. Where the
+kernels do not run (CPU tensors without Triton's interpreter, ``backend("reference")``) both take
+:func:`decode_reference`: the vectorised PyTorch path of ``reference.attention_pieces``, in float32 with
+the kernels' rules for masking and non-finite scores.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import torch
 from . import reference as _ref
 from ._backend import HAS_TRITON, use_triton
 from ._common import (as_index, check_block_tables, check_cache, check_same_device, check_tensor, custom_op,
-                      unit_last_stride)
+                      device_guard, unit_last_stride)
+from ._launch import KernelLauncher
 
 if HAS_TRITON:
     import triton
@@ -39,7 +46,7 @@ else:  # pragma: no cover - platforms without triton run the reference only
     triton = None
     tl = None
 
-__all__ = ["paged_decode_attention", "decode_launch_config", "DecodeLaunchConfig", "MAX_SCALE"]
+__all__ = ["paged_decode_attention", "decode_launch_config", "DecodeLaunchConfig", "DecodeLaunch", "MAX_SCALE"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -141,6 +148,7 @@ if HAS_TRITON:
         O, LSE,                      # final outputs (written when not SPLIT)
         PM, PL, PACC,                # partials [batch, num_q_heads, num_splits] (+ [.., head_dim])
         MASS, MREF,                  # per-block partial mass and its reference max [batch, hq, max_blocks]
+        QROW,                        # [batch] row of q / out / lse of each sequence (when HAS_QROW)
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
@@ -150,12 +158,19 @@ if HAS_TRITON:
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr, WRITE_MASS: tl.constexpr, F32_DOT: tl.constexpr, FAST_LOG2: tl.constexpr,
+        HAS_QROW: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // num_kv_heads
         kvh = pid % num_kv_heads
         num_q_heads = num_kv_heads * GROUP
+        # A plan's decode sequences inside a mixed batch read and write their own rows of the packed
+        # q / out / lse; partials and block mass stay indexed by b.
+        if HAS_QROW:
+            qrow = tl.load(QROW + b).to(tl.int64)
+        else:
+            qrow = b.to(tl.int64)
 
         n = tl.load(SL + b).to(tl.int32)                 # int32 token arithmetic, even for int64 lengths
         n = tl.minimum(n, max_blocks * BLOCK_SIZE)       # never read past the block-table row
@@ -174,7 +189,7 @@ if HAS_TRITON:
         offs_n = tl.arange(0, BLOCK_N)
         head = kvh * GROUP + g
         g_mask = g < GROUP
-        q = tl.load(Q + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
+        q = tl.load(Q + qrow * stride_qb + head[:, None] * stride_qh + d[None, :],
                     mask=g_mask[:, None], other=0.0)
 
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -241,7 +256,8 @@ if HAS_TRITON:
             empty = l_i == 0
             inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
             out = acc * inv[:, None]
-            tl.store(O + bh[:, None] * HEAD_DIM + d[None, :], out.to(O.dtype.element_ty),
+            orow = qrow * num_q_heads + head
+            tl.store(O + orow[:, None] * HEAD_DIM + d[None, :], out.to(O.dtype.element_ty),
                      mask=g_mask[:, None])
             l_safe = tl.where(empty, 1.0, l_i)
             if FAST_LOG2:
@@ -252,17 +268,21 @@ if HAS_TRITON:
             else:
                 log2_l = tl.log2(l_safe)
             lse = tl.where(empty, float("-inf"), (m_i + log2_l) * 0.6931471805599453)
-            tl.store(LSE + bh, lse, mask=g_mask)
+            tl.store(LSE + orow, lse, mask=g_mask)
 
     @triton.jit
     def _decode_merge_kernel(
-        SL, PM, PL, PACC, O, LSE, MASS, MREF,
+        SL, PM, PL, PACC, O, LSE, MASS, MREF, QROW,
         num_q_heads, num_splits, max_blocks, window,
         HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BLOCK_B: tl.constexpr, WRITE_MASS: tl.constexpr,
+        BLOCK_B: tl.constexpr, WRITE_MASS: tl.constexpr, HAS_QROW: tl.constexpr,
     ):
         b = tl.program_id(0)
         bh = b.to(tl.int64) * num_q_heads + tl.program_id(1)
+        if HAS_QROW:
+            orow = tl.load(QROW + b).to(tl.int64) * num_q_heads + tl.program_id(1)
+        else:
+            orow = bh
         d = tl.arange(0, HEAD_DIM)
         sp = tl.arange(0, SPLITS_PAD)
         base = bh * num_splits
@@ -281,9 +301,9 @@ if HAS_TRITON:
             w = tl.where(ms > float("-inf"), tl.exp2(ms - m_safe), 0.0)
             acc += w * tl.load(PACC + (base + s) * HEAD_DIM + d)
         inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l))
-        tl.store(O + bh * HEAD_DIM + d, (acc * inv).to(O.dtype.element_ty))
+        tl.store(O + orow * HEAD_DIM + d, (acc * inv).to(O.dtype.element_ty))
         lse2 = tl.where(empty, float("-inf"), m_safe + tl.log2(tl.where(empty, 1.0, l)))
-        tl.store(LSE + bh, lse2 * 0.6931471805599453)
+        tl.store(LSE + orow, lse2 * 0.6931471805599453)
 
         if WRITE_MASS:
             n = tl.load(SL + b).to(tl.int32)
@@ -301,57 +321,104 @@ if HAS_TRITON:
                 tl.store(MASS + row + blk, val, mask=blk < max_blocks)
 
 
-def _launch(q, key_cache, value_cache, block_tables, seq_lens, scale, window, want_mass,
-            num_splits_override):
-    batch, hq, d = q.shape
-    _, block_size, hkv, _ = key_cache.shape
-    max_blocks = block_tables.shape[1]
-    group = hq // hkv
-    max_context = max_blocks * block_size
-    if window > 0:
-        max_context = min(max_context, window + block_size)
-    cfg = decode_launch_config(batch, hkv, group, d, block_size, max_context, q.element_size(),
-                               _device_sms(q.device), num_splits_override)
-    dev = q.device
-    out = _empty((batch, hq, d), q.dtype, dev)
-    lse = _empty((batch, hq), torch.float32, dev)
-    mass = _empty((batch, hq, max_blocks if want_mass else 0), torch.float32, dev)
-    if batch == 0 or hq == 0:
-        return out, lse, mass
-    split = cfg.num_splits > 1 or want_mass
-    if split:
-        pm = _empty((batch, hq, cfg.num_splits), torch.float32, dev)
-        pl = _empty((batch, hq, cfg.num_splits), torch.float32, dev)
-        pacc = _empty((batch, hq, cfg.num_splits, d), torch.float32, dev)
-    else:
-        pm = pl = pacc = lse  # unused placeholders
-    mref = _empty(mass.shape, torch.float32, dev) if want_mass else lse
-    mass_arg = mass if want_mass else lse
-    grid = (batch * hkv, cfg.num_splits)
-    _decode_partial_kernel[grid](
-        q, key_cache, value_cache, block_tables, seq_lens,
-        out, lse, pm, pl, pacc, mass_arg, mref,
-        q.stride(0), q.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables.stride(0),
-        hkv, max_blocks, cfg.num_splits, window, key_cache.shape[0],
-        float(scale) * _LOG2E,
-        GROUP=group, G_PAD=cfg.group_pad, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
-        SPLIT=split, WRITE_MASS=want_mass,
-        # float32 needs IEEE products (TF32 would miss 1e-5); the interpreter's 16-bit dot is unreliable.
-        F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu",
-        FAST_LOG2=q.device.type == "cuda" and torch.version.hip is None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if split:
-        _decode_merge_kernel[(batch, hq)](
-            seq_lens, pm, pl, pacc, out, lse, mass_arg, mref,
-            hq, cfg.num_splits, max_blocks, window,
-            HEAD_DIM=d, SPLITS_PAD=max(2, _next_pow2(cfg.num_splits)), BLOCK_SIZE=block_size,
-            BLOCK_B=128, WRITE_MASS=want_mass,
-            num_warps=4 if d >= 128 else 2,
-        )
+class DecodeLaunch:
+    """One decode-attention launch prepared up to ``q`` and the caches: launch config (split-KV),
+    output and scratch buffers, index tensors, and the kernel launchers.
+
+    The functional op builds one per call; :class:`~kvtriton.ops.PagedAttentionPlan` builds one per plan
+    and calls :meth:`launch` once per layer (then only the per-call arguments change, and launches skip
+    Triton's argument binding: :class:`~kvtriton.ops._launch.KernelLauncher`).
+
+    ``q_rows`` (int32/int64 ``[batch]``, optional): the row of ``q``, ``out`` and ``lse`` that sequence
+    ``b`` reads and writes (a plan's decode sequences inside a packed mixed batch); ``out``/``lse`` are
+    then the whole packed buffers. Without it row ``b`` is sequence ``b``. Block mass needs no ``q_rows``.
+    """
+
+    def __init__(self, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float, window: int = 0, want_mass: bool = False, num_splits: int | None = None,
+                 out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                 q_rows: torch.Tensor | None = None):
+        hq, hkv, d = num_q_heads, num_kv_heads, head_dim
+        group = hq // hkv
+        max_blocks = block_tables.shape[1]
+        max_context = max_blocks * block_size
+        if window > 0:
+            max_context = min(max_context, window + block_size)
+        elem = dtype.itemsize
+        cfg = decode_launch_config(batch, hkv, group, d, block_size, max_context, elem, _device_sms(device),
+                                   num_splits)
+        self.cfg = cfg
+        self.out = _empty((batch, hq, d), dtype, device) if out is None else out
+        self.lse = _empty((batch, hq), torch.float32, device) if lse is None else lse
+        self.mass = _empty((batch, hq, max_blocks if want_mass else 0), torch.float32, device)
+        self.partial = self.merge = None
+        if batch == 0 or hq == 0:
+            return
+        split = cfg.num_splits > 1 or want_mass
+        if split:
+            pm = _empty((batch, hq, cfg.num_splits), torch.float32, device)
+            pl = _empty((batch, hq, cfg.num_splits), torch.float32, device)
+            pacc = _empty((batch, hq, cfg.num_splits, d), torch.float32, device)
+        else:
+            pm = pl = pacc = self.lse  # unused placeholders
+        mref = _empty(self.mass.shape, torch.float32, device) if want_mass else self.lse
+        mass_arg = self.mass if want_mass else self.lse
+        has_qrow = q_rows is not None
+        qrow = q_rows if has_qrow else seq_lens
+        self.partial = KernelLauncher(_decode_partial_kernel, (batch * hkv, cfg.num_splits), dict(
+            Q=None, K=None, V=None, BT=block_tables, SL=seq_lens, O=None, LSE=None, PM=pm, PL=pl, PACC=pacc,
+            MASS=mass_arg, MREF=mref, QROW=qrow,
+            stride_qb=None, stride_qh=None, stride_kb=None, stride_kt=None, stride_kh=None,
+            stride_vb=None, stride_vt=None, stride_vh=None, stride_btb=block_tables.stride(0),
+            num_kv_heads=hkv, max_blocks=max_blocks, num_splits=cfg.num_splits, window=window,
+            num_blocks=None, scale_log2=float(scale) * _LOG2E,
+            GROUP=group, G_PAD=cfg.group_pad, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
+            SPLIT=split, WRITE_MASS=want_mass,
+            # float32 needs IEEE products (TF32 would miss 1e-5); the interpreter's 16-bit dot is unreliable.
+            F32_DOT=dtype == torch.float32 or device.type == "cpu",
+            FAST_LOG2=device.type == "cuda" and torch.version.hip is None, HAS_QROW=has_qrow),
+            _PARTIAL_SLOTS, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        if split:
+            self.merge = KernelLauncher(_decode_merge_kernel, (batch, hq), dict(
+                SL=seq_lens, PM=pm, PL=pl, PACC=pacc, O=None, LSE=None, MASS=mass_arg, MREF=mref, QROW=qrow,
+                num_q_heads=hq, num_splits=cfg.num_splits, max_blocks=max_blocks, window=window,
+                HEAD_DIM=d, SPLITS_PAD=max(2, _next_pow2(cfg.num_splits)), BLOCK_SIZE=block_size,
+                BLOCK_B=128, WRITE_MASS=want_mass, HAS_QROW=has_qrow),
+                ("O", "LSE"), dict(num_warps=4 if d >= 128 else 2))
+
+    def launch(self, q, key_cache, value_cache, out=None, lse=None) -> None:
+        """Launch on ``q`` and one layer's caches, writing ``out``/``lse`` (default: this launch's own
+        buffers). Shapes, dtypes and devices must be those it was prepared for (not checked here)."""
+        if self.partial is None:
+            return
+        out = self.out if out is None else out
+        lse = self.lse if lse is None else lse
+        with device_guard(q):
+            self.partial(q, key_cache, value_cache, out, lse, q.stride(0), q.stride(1),
+                         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), key_cache.shape[0])
+            if self.merge is not None:
+                self.merge(out, lse)
+
+
+_PARTIAL_SLOTS = ("Q", "K", "V", "O", "LSE", "stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
+                  "stride_vb", "stride_vt", "stride_vh", "num_blocks")
+
+
+def decode_reference(q, key_cache, value_cache, block_tables, seq_lens, scale: float, window: int,
+                     want_mass: bool, pieces=None):
+    """The vectorised PyTorch path (``reference.attention_pieces``), float32 like the kernels: ``(out,
+    lse, mass)`` as the registered op returns them. ``pieces``: a plan's precomputed addressing."""
+    batch, hq, _ = q.shape
+    if pieces is None:
+        pieces = _ref.attention_pieces(block_tables, seq_lens, None, total_q=batch, num_q_heads=hq,
+                                       block_size=key_cache.shape[1], num_blocks=key_cache.shape[0],
+                                       sliding_window=window or None, device=q.device)
+    out, lse, mass = _ref.attention_pieces_run(pieces, q, key_cache, value_cache, total_q=batch, scale=scale,
+                                               block_mass_width=block_tables.shape[1] if want_mass else None)
+    if mass is None:
+        mass = lse.new_empty((batch, hq, 0))
     return out, lse, mass
 
 
@@ -371,19 +438,14 @@ def _paged_decode_attention_op(q: torch.Tensor, key_cache: torch.Tensor, value_c
     if not unit_last_stride(q):
         q = q.contiguous()
     if use_triton(q) and unit_last_stride(key_cache) and unit_last_stride(value_cache):
-        return _launch(q, key_cache, value_cache, block_tables, seq_lens, scale, window,
-                       return_block_mass, num_splits if num_splits > 0 else None)
-    # Reference path: float64 for float32 inputs (exact to the 1e-5 contract), float32 otherwise.
-    compute = torch.float64 if q.dtype == torch.float32 else torch.float32
-    out, lse, mass = _ref.paged_decode_attention(
-        q, key_cache, value_cache, block_tables, seq_lens, scale=scale,
-        sliding_window=window if window > 0 else None, return_lse=True, return_block_mass=True,
-        compute_dtype=compute)
-    if not return_block_mass:
-        mass = mass.new_empty((q.shape[0], q.shape[1], 0))
-    return out.contiguous(), lse.contiguous(), mass.contiguous()
-
-
+        batch, hq, d = q.shape
+        st = DecodeLaunch(batch=batch, num_q_heads=hq, num_kv_heads=key_cache.shape[2], head_dim=d,
+                          block_size=key_cache.shape[1], dtype=q.dtype, device=q.device,
+                          block_tables=block_tables, seq_lens=seq_lens, scale=scale, window=window,
+                          want_mass=return_block_mass, num_splits=num_splits if num_splits > 0 else None)
+        st.launch(q, key_cache, value_cache)
+        return st.out, st.lse, st.mass
+    return decode_reference(q, key_cache, value_cache, block_tables, seq_lens, scale, window, return_block_mass)
 @_paged_decode_attention_op.register_fake
 def _(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, return_block_mass,
       num_splits):
@@ -398,31 +460,22 @@ def _(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, 
 # Validation and the public entry point
 # ----------------------------------------------------------------------------------------------------
 
-def _validate(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, num_splits):
-    check_tensor("q", q, ndim=3, dtypes=_DTYPES)
-    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
-        check_cache(name, t)
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
-    if value_cache.shape != key_cache.shape:
-        raise ValueError(f"value_cache shape {tuple(value_cache.shape)} must equal key_cache shape "
-                         f"{tuple(key_cache.shape)}")
-    check_same_device(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
-                      seq_lens=seq_lens)
-    batch, hq, d = q.shape
-    num_blocks, block_size, hkv, dk = key_cache.shape
-    if dk != d:
-        raise ValueError(f"q head_dim {d} must equal the cache head_dim {dk}")
+def check_attention_shape(num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
+    """ValueError unless the head counts, head_dim and block_size are ones the kernels take."""
+    hq, hkv, d, bs = num_q_heads, num_kv_heads, head_dim, block_size
     if d < 16 or d > 256 or d & (d - 1):
         raise ValueError(f"head_dim must be a power of two in [16, 256] (e.g. 64, 128, 256), got {d}")
-    if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
-        raise ValueError(f"block_size (key_cache.shape[1]) must be a power of two in [1, 256], got {block_size}")
-    if hkv < 1 or hq % hkv:
+    if bs < 1 or bs > 256 or bs & (bs - 1):
+        raise ValueError(f"block_size (key_cache.shape[1]) must be a power of two in [1, 256], got {bs}")
+    if hkv < 1 or hq < 1 or hq % hkv:
         raise ValueError(f"num_q_heads ({hq}) must be a positive multiple of num_kv_heads ({hkv})")
     if hq // hkv > 128:
         raise ValueError(f"num_q_heads // num_kv_heads must be at most 128, got {hq // hkv}")
-    if block_tables.dim() == 2 and block_tables.shape[0] != batch:
-        raise ValueError(f"block_tables must be [batch={batch}, max_blocks], got shape {tuple(block_tables.shape)}")
+
+
+def check_scale_window(scale, sliding_window) -> None:
+    """ValueError unless ``scale`` is None or a float in ``(0, MAX_SCALE]`` and ``sliding_window`` None or
+    an int >= 1."""
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
                 or not 0 < scale <= MAX_SCALE:
@@ -431,6 +484,36 @@ def _validate(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_
     if sliding_window is not None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
             raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
+
+
+def check_qkv(q, key_cache, value_cache, **index_tensors) -> tuple[int, int, int, int]:
+    """Metadata checks shared by the attention ops: q ``[rows, num_q_heads, head_dim]`` float16/bfloat16/
+    float32, both caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` in q's dtype with a
+    contiguous last dimension, everything (``index_tensors`` too) on one device. Returns
+    ``(num_blocks, block_size, num_kv_heads, head_dim)``."""
+    check_tensor("q", q, ndim=3, dtypes=_DTYPES)
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        check_cache(name, t)
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
+    if value_cache.shape != key_cache.shape:
+        raise ValueError(f"value_cache shape {tuple(value_cache.shape)} must equal key_cache shape "
+                         f"{tuple(key_cache.shape)}")
+    check_same_device(q=q, key_cache=key_cache, value_cache=value_cache, **index_tensors)
+    num_blocks, block_size, hkv, dk = key_cache.shape
+    if dk != q.shape[2]:
+        raise ValueError(f"q head_dim {q.shape[2]} must equal the cache head_dim {dk}")
+    check_attention_shape(q.shape[1], hkv, dk, block_size)
+    return num_blocks, block_size, hkv, dk
+
+
+def _validate(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, num_splits):
+    num_blocks, block_size, _, _ = check_qkv(q, key_cache, value_cache, block_tables=block_tables,
+                                             seq_lens=seq_lens)
+    batch = q.shape[0]
+    if block_tables.dim() == 2 and block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [batch={batch}, max_blocks], got shape {tuple(block_tables.shape)}")
+    check_scale_window(scale, sliding_window)
     if num_splits is not None:
         if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= _MAX_SPLITS:
             raise ValueError(f"num_splits must be an int in [1, {_MAX_SPLITS}] or None, got {num_splits!r}")

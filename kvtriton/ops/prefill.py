@@ -24,7 +24,9 @@ queries; ``seq_lens`` counts prefix plus chunk). Design, FlashAttention-2 style:
   head's ``out`` and ``lse`` NaN (through ``p = exp2(s - m)``), and a NaN ``l`` never reads as empty.
 
 Block offsets are computed in int64 (``block_id * block_stride`` passes 2^31 in large arenas). The launch
-heuristics live in :func:`prefill_launch_config`.
+heuristics live in :func:`prefill_launch_config`. As for decode, :class:`PrefillLaunch` is the one launch
+path of the functional op and of ``PagedAttentionPlan`` (whose mixed batches pass ``q_start``: the
+chunks' first rows in the whole batch), and :func:`prefill_reference` the PyTorch path of both.
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import reference as _ref
 from ._backend import HAS_TRITON, use_triton
-from ._common import (as_index, check_block_tables, check_cache, check_index, check_same_device, check_tensor,
-                      custom_op, device_guard, next_pow2, unit_last_stride, values_checkable)
-from .attention import MAX_SCALE
+from ._common import (as_index, check_index, check_table_values, custom_op, device_guard, host_values, next_pow2,
+                      unit_last_stride, values_checkable)
+from ._launch import KernelLauncher
+from .attention import check_qkv, check_scale_window
 
 if HAS_TRITON:
     import triton
@@ -47,7 +51,7 @@ else:  # pragma: no cover - platforms without triton run the reference only
     triton = None
     tl = None
 
-__all__ = ["paged_prefill_attention", "prefill_launch_config", "PrefillLaunchConfig"]
+__all__ = ["paged_prefill_attention", "prefill_launch_config", "PrefillLaunchConfig", "PrefillLaunch"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -181,6 +185,7 @@ if HAS_TRITON:
     @triton.jit
     def _prefill_kernel(
         Q, K, V, BT, SL, CU, O, LSE,
+        QSTART,                      # [batch] first row of chunk b in q / out / lse (when HAS_QSTART)
         stride_qt, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
@@ -189,6 +194,7 @@ if HAS_TRITON:
         scale_log2,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr,
+        HAS_QSTART: tl.constexpr,
     ):
         # Last tiles first: within a chunk later tiles see more keys, so the long programs start early.
         pid = num_tiles - 1 - tl.program_id(0)
@@ -211,7 +217,12 @@ if HAS_TRITON:
             pos = prefix + tok
             row_lo = tl.where(window > 0, pos - window, -1)             # keys t with row_lo < t <= pos
             d = tl.arange(0, HEAD_DIM)
-            q_row = (q_start + tok).to(tl.int64)
+            # A plan's prefill chunks inside a mixed batch: CU packs only these chunks (tile mapping and
+            # lengths); their rows in the whole batch's q / out / lse start at QSTART.
+            if HAS_QSTART:
+                q_row = tl.load(QSTART + b).to(tl.int64) + tok
+            else:
+                q_row = (q_start + tok).to(tl.int64)
             q = tl.load(Q + (q_row * stride_qt + head.to(tl.int64) * stride_qh)[:, None] + d[None, :],
                         mask=row_ok[:, None], other=0.0)
 
@@ -256,34 +267,79 @@ if HAS_TRITON:
             tl.store(LSE + o_row, lse, mask=row_ok)
 
 
-def _launch(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, window):
-    total_q, hq, d = q.shape
-    _, block_size, hkv, _ = key_cache.shape
-    batch, max_blocks = block_tables.shape
-    out = _empty((total_q, hq, d), q.dtype, q.device)
-    lse = _empty((total_q, hq), torch.float32, q.device)
-    if total_q == 0 or hq == 0:
-        return out, lse
-    if batch == 0:  # only reachable with cu_seqlens_q[-1] != total_q, where values went unchecked
-        return out.zero_(), lse.fill_(float("-inf"))
-    group = hq // hkv
-    cfg = prefill_launch_config(total_q, batch, group, d, q.element_size())
-    num_tiles = total_q // cfg.block_q + batch
-    with device_guard(q):
-        _prefill_kernel[(num_tiles, hkv)](
-            q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, out, lse,
-            q.stride(0), q.stride(1),
-            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-            block_tables.stride(0),
-            batch, num_tiles, hkv, max_blocks, window, key_cache.shape[0],
-            float(scale) * _LOG2E,
+class PrefillLaunch:
+    """One prefill-attention launch prepared up to ``q`` and the caches (see
+    :class:`~kvtriton.ops.attention.DecodeLaunch`): launch config, outputs, index tensors, launcher.
+
+    ``q_start`` (int32/int64 ``[batch]``, optional): the first row of chunk ``b`` in ``q``/``out``/``lse``
+    when ``cu_seqlens_q`` packs only a subset of a larger batch's chunks (a plan's mixed batch); ``out``
+    and ``lse`` are then the whole packed buffers.
+    """
+
+    def __init__(self, *, total_q: int, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 cu_seqlens_q: torch.Tensor, scale: float, window: int = 0, out: torch.Tensor | None = None,
+                 lse: torch.Tensor | None = None, q_start: torch.Tensor | None = None, out_rows: int | None = None):
+        hq, hkv, d = num_q_heads, num_kv_heads, head_dim
+        rows = total_q if out_rows is None else out_rows
+        self.out = _empty((rows, hq, d), dtype, device) if out is None else out
+        self.lse = _empty((rows, hq), torch.float32, device) if lse is None else lse
+        self.kernel = None
+        self.fill_empty = False
+        batch, max_blocks = block_tables.shape
+        if total_q == 0 or hq == 0:
+            return
+        if batch == 0:  # only reachable with cu_seqlens_q[-1] != total_q, where values went unchecked
+            self.fill_empty = True
+            return
+        group = hq // hkv
+        cfg = prefill_launch_config(total_q, batch, group, d, dtype.itemsize)
+        self.cfg = cfg
+        num_tiles = total_q // cfg.block_q + batch
+        has_qstart = q_start is not None
+        self.kernel = KernelLauncher(_prefill_kernel, (num_tiles, hkv), dict(
+            Q=None, K=None, V=None, BT=block_tables, SL=seq_lens, CU=cu_seqlens_q, O=None, LSE=None,
+            QSTART=q_start if has_qstart else cu_seqlens_q,
+            stride_qt=None, stride_qh=None, stride_kb=None, stride_kt=None, stride_kh=None,
+            stride_vb=None, stride_vt=None, stride_vh=None, stride_btb=block_tables.stride(0),
+            batch=batch, num_tiles=num_tiles, num_kv_heads=hkv, max_blocks=max_blocks, window=window,
+            num_blocks=None, scale_log2=float(scale) * _LOG2E,
             GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size,
             BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n,
             # float32 needs IEEE products (TF32 would miss 1e-5); the interpreter's 16-bit dot is unreliable.
-            F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+            F32_DOT=dtype == torch.float32 or device.type == "cpu", HAS_QSTART=has_qstart),
+            _SLOTS, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+    def launch(self, q, key_cache, value_cache, out=None, lse=None) -> None:
+        """Launch on ``q`` and one layer's caches, writing ``out``/``lse`` (default: this launch's own
+        buffers). Shapes, dtypes and devices must be those it was prepared for (not checked here)."""
+        out = self.out if out is None else out
+        lse = self.lse if lse is None else lse
+        if self.kernel is None:
+            if self.fill_empty:
+                out.zero_()
+                lse.fill_(float("-inf"))
+            return
+        with device_guard(q):
+            self.kernel(q, key_cache, value_cache, out, lse, q.stride(0), q.stride(1),
+                        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), key_cache.shape[0])
+
+
+_SLOTS = ("Q", "K", "V", "O", "LSE", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
+          "stride_vb", "stride_vt", "stride_vh", "num_blocks")
+
+
+def prefill_reference(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale: float,
+                      window: int, pieces=None):
+    """The vectorised PyTorch path (``reference.attention_pieces``), float32 like the kernel: ``(out,
+    lse)``. ``pieces``: a plan's precomputed addressing."""
+    total_q, hq, _ = q.shape
+    if pieces is None:
+        pieces = _ref.attention_pieces(block_tables, seq_lens, cu_seqlens_q, total_q=total_q, num_q_heads=hq,
+                                       block_size=key_cache.shape[1], num_blocks=key_cache.shape[0],
+                                       sliding_window=window or None, device=q.device)
+    out, lse, _ = _ref.attention_pieces_run(pieces, q, key_cache, value_cache, total_q=total_q, scale=scale)
     return out, lse
 
 
@@ -303,13 +359,14 @@ def _paged_prefill_attention_op(q: torch.Tensor, key_cache: torch.Tensor, value_
     if not unit_last_stride(q):
         q = q.contiguous()
     if use_triton(q) and unit_last_stride(key_cache) and unit_last_stride(value_cache):
-        return _launch(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, window)
-    # Reference path: float64 for float32 inputs (exact to the 1e-5 contract), float32 otherwise.
-    compute = torch.float64 if q.dtype == torch.float32 else torch.float32
-    out, lse = _ref.paged_prefill_attention(
-        q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale=scale,
-        sliding_window=window if window > 0 else None, return_lse=True, compute_dtype=compute)
-    return out.contiguous(), lse.contiguous()
+        total_q, hq, d = q.shape
+        st = PrefillLaunch(total_q=total_q, num_q_heads=hq, num_kv_heads=key_cache.shape[2], head_dim=d,
+                           block_size=key_cache.shape[1], dtype=q.dtype, device=q.device,
+                           block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q, scale=scale,
+                           window=window)
+        st.launch(q, key_cache, value_cache)
+        return st.out, st.lse
+    return prefill_reference(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, window)
 
 
 @_paged_prefill_attention_op.register_fake
@@ -322,62 +379,55 @@ def _(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sl
 # Validation and the public entry point
 # ----------------------------------------------------------------------------------------------------
 
-def _validate(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window):
-    check_tensor("q", q, ndim=3, dtypes=_DTYPES)
-    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
-        check_cache(name, t)
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
-    if value_cache.shape != key_cache.shape:
-        raise ValueError(f"value_cache shape {tuple(value_cache.shape)} must equal key_cache shape "
-                         f"{tuple(key_cache.shape)}")
-    check_same_device(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
-                      seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q)
-    total_q, hq, d = q.shape
-    num_blocks, block_size, hkv, dk = key_cache.shape
-    if dk != d:
-        raise ValueError(f"q head_dim {d} must equal the cache head_dim {dk}")
-    if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"head_dim must be a power of two in [16, 256] (e.g. 64, 128, 256), got {d}")
-    if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
-        raise ValueError(f"block_size (key_cache.shape[1]) must be a power of two in [1, 256], got {block_size}")
-    if hkv < 1 or hq % hkv:
-        raise ValueError(f"num_q_heads ({hq}) must be a positive multiple of num_kv_heads ({hkv})")
-    if hq // hkv > 128:
-        raise ValueError(f"num_q_heads // num_kv_heads must be at most 128, got {hq // hkv}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-                or not 0 < scale <= MAX_SCALE:
-            raise ValueError(f"scale must be a float in (0, {MAX_SCALE:g}] (or None for 1/sqrt(head_dim)), "
-                             f"got {scale!r}")
-    if sliding_window is not None:
-        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
-            raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
-    check_index("block_tables", block_tables, ndim=2, device=q.device)
+def check_cu_values(cu, sl, total_q: int) -> None:
+    """Value checks of ``cu_seqlens_q`` on host arrays (``cu [batch + 1]``, ``seq_lens [batch]`` or None to
+    skip the last check): from 0 to ``total_q``, non-decreasing, no chunk longer than its sequence.
+    ValueError naming the first bad sequence."""
+    cu = cu.astype(np.int64, copy=False)
+    if cu[0] != 0 or cu[-1] != total_q:
+        raise ValueError(f"cu_seqlens_q must start at 0 and end at total_q = q.shape[0] = {total_q}, "
+                         f"got {int(cu[0])} and {int(cu[-1])}")
+    chunk = cu[1:] - cu[:-1]
+    neg = np.flatnonzero(chunk < 0)
+    if neg.size:
+        b = int(neg[0])
+        raise ValueError(f"cu_seqlens_q must be non-decreasing, got cu_seqlens_q[{b}] = {int(cu[b])} > "
+                         f"cu_seqlens_q[{b + 1}] = {int(cu[b + 1])}")
+    short = np.flatnonzero(chunk > sl) if sl is not None else ()
+    if len(short):
+        b = int(short[0])
+        raise ValueError(f"seq_lens[{b}] = {int(sl[b])} must be >= its chunk length "
+                         f"cu_seqlens_q[{b + 1}] - cu_seqlens_q[{b}] = {int(chunk[b])} (seq_lens "
+                         f"counts the cached prefix plus the chunk)")
+
+
+def check_prefill_indices(block_tables, seq_lens, cu_seqlens_q, device) -> int:
+    """Shapes and dtypes of the three index tensors (ValueError); returns ``batch``."""
+    check_index("block_tables", block_tables, ndim=2, device=device)
     batch = block_tables.shape[0]
-    check_index("cu_seqlens_q", cu_seqlens_q, ndim=1, device=q.device)
+    check_index("cu_seqlens_q", cu_seqlens_q, ndim=1, device=device)
     if cu_seqlens_q.shape[0] != batch + 1:
         raise ValueError(f"cu_seqlens_q must have shape [batch + 1] = [{batch + 1}] (block_tables rows + 1), "
                          f"got {tuple(cu_seqlens_q.shape)}")
-    # Shapes and dtypes always; index values where that needs no device sync (CPU, or debug checks).
-    check_block_tables(block_tables, seq_lens, block_size=block_size, num_blocks=num_blocks, device=q.device)
-    if values_checkable(cu_seqlens_q, seq_lens):
-        cu = cu_seqlens_q.long()
-        if int(cu[0]) != 0 or int(cu[-1]) != total_q:
-            raise ValueError(f"cu_seqlens_q must start at 0 and end at total_q = q.shape[0] = {total_q}, "
-                             f"got {int(cu[0])} and {int(cu[-1])}")
+    check_index("seq_lens", seq_lens, ndim=1, device=device)
+    if seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens must have shape [batch] = [{batch}] (block_tables rows), "
+                         f"got {tuple(seq_lens.shape)}")
+    return batch
+
+
+def _validate(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window):
+    num_blocks, block_size, _, _ = check_qkv(q, key_cache, value_cache, block_tables=block_tables,
+                                             seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q)
+    check_scale_window(scale, sliding_window)
+    batch = check_prefill_indices(block_tables, seq_lens, cu_seqlens_q, q.device)
+    # Shapes and dtypes always; index values where that needs no device sync (CPU, or debug checks),
+    # read once (one device-to-host copy on CUDA).
+    if values_checkable(block_tables, seq_lens, cu_seqlens_q):
+        bt, sl, cu = host_values(block_tables, seq_lens, cu_seqlens_q)
         if batch:
-            chunk = cu[1:] - cu[:-1]
-            if bool((chunk < 0).any()):
-                b = int((chunk < 0).nonzero()[0])
-                raise ValueError(f"cu_seqlens_q must be non-decreasing, got cu_seqlens_q[{b}] = {int(cu[b])} > "
-                                 f"cu_seqlens_q[{b + 1}] = {int(cu[b + 1])}")
-            short = chunk > seq_lens.long()
-            if bool(short.any()):
-                b = int(short.nonzero()[0])
-                raise ValueError(f"seq_lens[{b}] = {int(seq_lens[b])} must be >= its chunk length "
-                                 f"cu_seqlens_q[{b + 1}] - cu_seqlens_q[{b}] = {int(chunk[b])} (seq_lens "
-                                 f"counts the cached prefix plus the chunk)")
+            check_table_values(bt, sl, block_size=block_size, num_blocks=num_blocks)
+        check_cu_values(cu, sl, q.shape[0])
 
 
 def paged_prefill_attention(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, *, scale=None,
