@@ -3,7 +3,7 @@
 import pytest
 
 from kvtriton.policies import PrefixAwarePolicy, make_policy
-from kvtriton.policies.prefix_aware import _Shadow
+from kvtriton.policies.prefix_aware import _shadow, _shadow_step
 from kvtriton.replay import simulate
 from kvtriton.workloads import load_mooncake, multiturn_workload, zipf_prefix_workload
 from kvtriton.workloads.request import Request
@@ -34,8 +34,8 @@ def test_bad_arguments_name_themselves(kwargs, match):
 def test_a_shadow_counts_the_hits_the_replay_counts():
     trace = zipf_prefix_workload(300, num_prefixes=6, seed=3)
     cap = 40
-    sh = _Shadow(cap, 2.0, None)
-    hits = sum(sh.step(r.hash_ids, r) for r in trace)
+    sh = _shadow(cap, 2.0, None)
+    hits = sum(_shadow_step(sh, r.hash_ids, r) for r in trace)
     assert hits == simulate(trace, PrefixAwarePolicy(capacity=cap, beta=2.0), cap)["hits"]
     assert hits > 0
 
