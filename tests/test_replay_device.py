@@ -49,6 +49,9 @@ def check_sane(res, reqs):
     assert s["decode_tokens"] == sum(r.output_length - 1 for r in reqs)
     assert math.isclose(s["step_kernel_frac"] + s["step_memory_frac"] + s["step_other_frac"], 1.0, rel_tol=1e-9)
     assert s["step_kernel_s"] > 0 and s["step_memory_s"] > 0
+    # the prefill attention ran exactly when some prompt token missed the cache, and is a prefill kernel
+    assert (s["prefill_attention_s"] > 0) == (s["prefill_tokens_computed"] > 0)
+    assert s["prefill_attention_s"] <= s["prefill_kernel_s"] <= s["step_kernel_s"]
     assert 0.0 <= s["utilization_mean"] <= s["utilization_max"] <= 1.0
     assert 0.0 <= s["external_fragmentation_mean"] <= 1.0
     for row in res.requests:
@@ -81,6 +84,19 @@ def test_hit_accounting_hand_computed():
     assert s["prefill_tokens_computed"] == 48 + 64 + 10 + 60 + 520 + 1000 - 37 * 16
     assert s["evictions"] == 0 and s["preemptions"] == 0
     check_sane(res, reqs)
+
+
+def test_measured_clock_ttft_contains_each_request_prefill_attention():
+    """On the measured clock (no step_time_s) a request's TTFT holds its share of the prefill attention;
+    the summary reports the total and the per-request figures."""
+    reqs = [req(0, [0, 1, 2], 48, 3), req(1, [0, 1, 5], 40, 3), req(2, [7], 30, 2, t=0.5)]
+    res = replay_device(reqs, TINY1, "lru", capacity_blocks=32, config=cfg(step_time_s=None))
+    s = res.summary
+    check_sane(res, reqs)
+    assert s["prefill_attention_s"] > 0 and s["prefill_attention_s_mean"] > 0
+    for row in res.requests:
+        assert 0 < row["prefill_attention_s"] <= row["ttft_s"] - row["queueing_delay_s"]
+    assert sum(r["prefill_attention_s"] for r in res.requests) == pytest.approx(s["prefill_attention_s"])
 
 
 def test_eviction_under_small_capacity_lowers_hits():
@@ -203,6 +219,7 @@ def test_tiny_replay_through_triton_kernels():
     for k in ("steps", "hit_blocks", "decode_tokens", "completed"):
         assert tri.summary[k] == ref.summary[k]
     assert tri.summary["hit_blocks"] == 1 and tri.summary["completed"] == 2
+    assert tri.summary["prefill_attention_s"] > 0  # paged_prefill_attention ran in the interpreter
     check_sane(tri, reqs)
 
 

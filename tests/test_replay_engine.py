@@ -1,5 +1,8 @@
-"""The device replay's phases one at a time on tiny cases: admit, prefill, decode (with preemption),
-complete, compact, and a whole step's clock."""
+"""The device replay's phases one at a time on tiny cases: admit, prefill (its attention checked against
+a float64 reference over the gathered K/V), decode (with preemption), complete, compact, and a whole
+step's clock."""
+
+import time
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ import torch
 from kvtriton import ops
 from kvtriton.memory import GPUMemoryAllocator
 from kvtriton.replay.device_config import DeviceReplayConfig
+from kvtriton.replay import engine as engine_mod
 from kvtriton.replay.engine import ReplayEngine, reclaimable_chunks
 from kvtriton.replay.metrics import StepRecord
 from kvtriton.replay.sequences import prepare_sequences, resolve_models
@@ -30,7 +34,8 @@ def engine():
 
     def make(reqs, capacity, **kw):
         kw.setdefault("compaction_threshold", None)
-        cfg = DeviceReplayConfig(device="cpu", step_time_s=0.01, prefill_s_per_token=PER_TOKEN, **kw)
+        kw.setdefault("step_time_s", 0.01)
+        cfg = DeviceReplayConfig(device="cpu", prefill_s_per_token=PER_TOKEN, **kw)
         specs, by_request = resolve_models(TINY1, cfg)
         seqs = prepare_sequences(reqs, cfg, specs, by_request)
         eng = ReplayEngine(seqs, specs, "lru", capacity, None, cfg, torch.device("cpu"), GPUMemoryAllocator)
@@ -92,7 +97,9 @@ def test_prefill_writes_only_the_missed_tokens_and_times_the_first_token(engine)
     st = admitted_and_prefilled(eng)
     s0, s1 = by_id(eng).values()
     assert eng.metrics.prefill_tokens == 88 and eng.metrics.prefill_tokens_computed == 48 + 8
-    assert st.prefill_model_s == pytest.approx(56 * PER_TOKEN) and st.prefill_kernel_s > 0
+    assert st.prefill_model_s == pytest.approx(56 * PER_TOKEN)
+    assert 0 < st.prefill_attention_s < st.prefill_kernel_s  # append_kv, then the attention
+    assert eng.metrics.prefill_attention_s == st.prefill_attention_s
     # the clock is fixed (step_time_s): a first token comes after the modelled prefill of its step so far
     assert s0.first_token_at == pytest.approx(48 * PER_TOKEN) and s1.first_token_at == pytest.approx(56 * PER_TOKEN)
     assert s0.generated == s1.generated == 1
@@ -101,6 +108,98 @@ def test_prefill_writes_only_the_missed_tokens_and_times_the_first_token(engine)
     for t in range(8):  # s1's hit blocks were not written again; its tail got the first 8 fill rows
         assert torch.equal(key_at(m, s1.blocks[2], t), m.k_fill[t])
     assert torch.equal(key_at(m, s1.blocks[2], 8), before[s1.blocks[2], 8])
+
+
+def reference_prefill(m, s, first: int, q: torch.Tensor) -> torch.Tensor:
+    """Float64 causal attention of queries ``q [n, num_q_heads, head_dim]`` at positions ``first ..
+    first + n - 1`` of ``s`` over its K/V gathered from the pool's pages (layer 0)."""
+    kc, vc = m.kv[0]
+    bs, n_q = TINY1.block_size, q.shape[0]
+    pos = torch.arange(first + n_q)
+    blocks = torch.tensor(s.blocks, dtype=torch.int64)[pos // bs]
+    k, v = kc[blocks, pos % bs].double(), vc[blocks, pos % bs].double()     # [keys, hkv, d]
+    group = TINY1.num_q_heads // TINY1.num_kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) / TINY1.head_dim ** 0.5
+    visible = pos[None, :] <= (first + torch.arange(n_q))[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def capture_prefill_attention(eng):
+    """Wrap the engine's prefill attention: every call's index tensors and output, in order."""
+    calls, real = [], eng._prefill_attn
+
+    def attn(q, kc, vc, block_tables, seq_lens, cu_seqlens_q, **kw):
+        out = real(q, kc, vc, block_tables, seq_lens, cu_seqlens_q, **kw)
+        calls.append(dict(q=q.clone(), bt=block_tables.clone(), lens=seq_lens.clone(), cu=cu_seqlens_q.clone(),
+                          out=out.clone()))
+        return out
+
+    eng._prefill_attn = attn
+    return calls
+
+
+def test_prefill_attention_reads_the_hits_from_the_pages_and_computes_the_missed_part(engine):
+    """One batched call per layer for the step's prompts; a prefix hit's missed tokens attend to the
+    cached prefix (never rewritten) and causally to themselves, as a float64 reference over the gathered
+    K/V computes."""
+    eng = engine([req(0, [0, 1, 2], 48, 4), req(1, [0, 1, 5], 40, 4)], 32)
+    calls = capture_prefill_attention(eng)
+    st = admitted_and_prefilled(eng)
+    m = eng.models[TINY1.name]
+    s0, s1 = by_id(eng).values()
+    assert s1.hit_blocks == 2 and len(calls) == TINY1.num_layers == 1
+    c = calls[0]
+    assert c["cu"].tolist() == [0, 48, 56] and c["lens"].tolist() == [48, 40]  # missed: 48, then 40 - 32
+    assert c["bt"][0, :3].tolist() == s0.blocks and c["bt"][1, :3].tolist() == s1.blocks
+    for rows, s, first in ((slice(0, 48), s0, 0), (slice(48, 56), s1, 32)):
+        ref = reference_prefill(m, s, first, c["q"][rows])
+        err = (c["out"][rows].double() - ref).norm() / ref.norm()
+        assert err < 1e-5, (s.req.request_id, float(err))
+    # each prompt's share of the batched time follows its query-key pairs: 48 * 49 / 2 vs 8 * 32 + 8 * 9 / 2
+    w0, w1 = 48 * 49 // 2, 8 * 32 + 8 * 9 // 2
+    assert s0.prefill_attention_s + s1.prefill_attention_s == pytest.approx(st.prefill_attention_s)
+    assert s0.prefill_attention_s / s1.prefill_attention_s == pytest.approx(w0 / w1)
+
+
+def test_prefill_attention_in_bounded_calls_chunks_a_long_prompt(engine, monkeypatch):
+    """With calls of at most 24 query rows: a 48-token prompt is cut into two chunks (the second attends
+    to the first through the pages) and the next prompt goes to a call of its own; the outputs are those
+    of one whole-prompt call. A prompt wholly in the cache computes nothing."""
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK_TOKENS", 24)
+    eng = engine([req(0, [0, 1, 2], 48, 4), req(1, [0, 1, 5], 40, 4), req(2, [0, 1], 32, 4)], 32)
+    calls = capture_prefill_attention(eng)
+    admitted_and_prefilled(eng)
+    m = eng.models[TINY1.name]
+    s0, s1, s2 = by_id(eng).values()
+    assert m.q_fill.shape[0] == 24 and s2.hit_blocks == 2 and s2.prefill_attention_s == 0.0
+    assert [(c["cu"].tolist(), c["lens"].tolist()) for c in calls] == [
+        ([0, 24], [24]), ([0, 24], [48]), ([0, 8], [40])]
+    for c, s, first in ((calls[0], s0, 0), (calls[1], s0, 24), (calls[2], s1, 32)):
+        ref = reference_prefill(m, s, first, c["q"])
+        assert (c["out"].double() - ref).norm() / ref.norm() < 1e-5
+
+
+def test_measured_clock_ttft_includes_the_prefill_attention(engine):
+    """On the measured clock a first token comes after the cost model, append_kv and the prompt's share
+    of the prefill attention; on the fixed clock only the cost model counts."""
+    for step_time_s in (None, 0.01):
+        eng = engine([req(0, [0, 1, 2], 48, 4)], 32, step_time_s=step_time_s)
+        real = eng._prefill_attn
+
+        def slow(*args, **kw):
+            time.sleep(0.05)
+            return real(*args, **kw)
+
+        eng._prefill_attn = slow
+        st = admitted_and_prefilled(eng, now=1.0)
+        (s,) = eng.seqs
+        assert s.prefill_attention_s == st.prefill_attention_s >= 0.05
+        want = 48 * PER_TOKEN + (st.prefill_kernel_s if step_time_s is None else 0.0)
+        assert s.first_token_at - 1.0 == pytest.approx(want)
+        if step_time_s is None:
+            assert s.first_token_at - 1.0 >= 48 * PER_TOKEN + 0.05
 
 
 def test_decode_appends_one_token_per_sequence_into_its_own_slot(engine):

@@ -33,15 +33,17 @@ def test_columns_are_the_ones_readers_use():
     """Notebooks, the harness and the benchmarks read these by name: dropping one is a breaking change."""
     assert TIMESERIES_KEYS == (
         "step", "time_s", "batch", "waiting", "admitted", "finished", "kernel_s", "memory_s", "other_s",
-        "prefill_model_s", "compaction_s", "used_blocks", "cached_blocks", "free_blocks", "utilization",
-        "external_fragmentation", "internal_fragmentation", "evictions", "held_bytes", "preemptions", "completed",
-        "hit_rate")
+        "prefill_model_s", "prefill_attention_s", "compaction_s", "used_blocks", "cached_blocks", "free_blocks",
+        "utilization", "external_fragmentation", "internal_fragmentation", "evictions", "held_bytes", "preemptions",
+        "completed", "hit_rate")
     assert REQUEST_KEYS == ("request_id", "model", "arrival_s", "prompt_tokens", "output_tokens", "lookup_blocks",
-                            "hit_blocks", "queueing_delay_s", "ttft_s", "finished_s", "preemptions")
+                            "hit_blocks", "queueing_delay_s", "ttft_s", "prefill_attention_s", "finished_s",
+                            "preemptions")
     assert MODEL_KEYS == ("requests", "completed", "hit_rate", "prefill_tokens", "decode_tokens", "preemptions")
-    assert len(SUMMARY_KEYS) == len(set(SUMMARY_KEYS)) == 52
+    assert len(SUMMARY_KEYS) == len(set(SUMMARY_KEYS)) == 57
     assert {"hit_rate", "token_hit_rate", "ttft_s_p99", "decode_tokens_per_s", "step_memory_frac",
-            "external_fragmentation_max", "chunks_returned"} <= set(SUMMARY_KEYS)
+            "external_fragmentation_max", "chunks_returned", "prefill_kernel_s", "prefill_model_s",
+            "prefill_attention_s", "prefill_attention_s_mean", "prefill_attention_s_p99"} <= set(SUMMARY_KEYS)
 
 
 def test_percentiles_and_empty():
@@ -58,15 +60,15 @@ def test_events_make_the_hand_computed_row_and_summary():
     met.start(pool_row(evictions=5))
     met.on_lookup(a, 4, 3)
     met.on_lookup(b, 2, 0)
-    met.on_prefill(a, 64, 16, 0.5, 0.0016, first=True)
-    met.on_prefill(b, 20, 20, 0.25, 0.002, first=True)
+    met.on_prefill(a, 64, 16, 0.5, 0.0016, first=True, attention_s=0.25)
+    met.on_prefill(b, 20, 20, 0.25, 0.002, first=True, attention_s=0.125)
     met.on_prefill(a, 64, 40, 0.125, 0.004, first=False)   # a recomputation after preemption
     met.on_preempt(a)
     met.on_compaction(0.5, chunks_returned=2, blocks_moved=7)
     st = StepRecord()
     st.admitted, st.batch = [object(), object()], 3
     st.memory_s, st.prefill_kernel_s, st.decode_kernel_s, st.wall_s = 1.0, 0.75, 2.0, 5.0
-    st.prefill_model_s, st.compaction_s = 0.0076, 0.5
+    st.prefill_model_s, st.prefill_attention_s, st.compaction_s = 0.0076, 0.375, 0.5
     met.close_step(st)
     assert (st.kernel_s, st.other_s) == (2.75, 1.25)
     assert not met.due()  # record_every=2
@@ -81,8 +83,10 @@ def test_events_make_the_hand_computed_row_and_summary():
     assert row["step"] == 2 and row["time_s"] == 9.0 and row["waiting"] == 4 and row["finished"] == 1
     assert row["evictions"] == 3 and row["preemptions"] == 1 and row["completed"] == 1
     assert row["hit_rate"] == pytest.approx(3 / 6) and met.timeseries == [row]
+    assert row["prefill_attention_s"] == 0.0  # st2 prefilled nothing
 
-    reqs = [{"queueing_delay_s": q, "ttft_s": t} for q, t in ((0.0, 1.0), (1.0, 2.0), (2.0, 6.0))]
+    reqs = [{"queueing_delay_s": q, "ttft_s": t, "prefill_attention_s": a}
+            for q, t, a in ((0.0, 1.0, 0.25), (1.0, 2.0, 0.125), (2.0, 6.0, 0.0))]
     header = {k: i for i, k in enumerate(SUMMARY_KEYS[:7])}
     s = met.summary(header, reqs, pool_row(evictions=9, utilization=0.9), sim_time_s=9.5, wall_s=7.0)
     assert tuple(s)[:len(SUMMARY_KEYS)] == SUMMARY_KEYS
@@ -96,6 +100,7 @@ def test_events_make_the_hand_computed_row_and_summary():
             "mean_batch": 3.0, "step_kernel_s": 2.75, "step_memory_s": 2.0, "step_other_s": 1.25,
             "step_total_s": 6.0, "step_kernel_frac": 2.75 / 6, "step_memory_frac": 2 / 6,
             "step_other_frac": 1.25 / 6, "prefill_kernel_s": 0.875, "prefill_model_s": 0.0076,
+            "prefill_attention_s": 0.375, "prefill_attention_s_mean": 0.125, "prefill_attention_s_p50": 0.125,
             "compactions": 1, "compaction_s": 0.5, "blocks_moved": 7, "chunks_returned": 2,
             "utilization_mean": 0.3, "utilization_max": 0.3,  # over the recorded rows, not the final figures
             "external_fragmentation_mean": 0.25, "external_fragmentation_max": 0.25,
@@ -144,7 +149,8 @@ def test_replay_summary_agrees_with_its_series_and_request_rows():
     assert all(tuple(r) == TIMESERIES_KEYS for r in ts) and all(tuple(r) == REQUEST_KEYS for r in rows)
     assert s["steps"] == len(ts) == ts[-1]["step"] and s["sim_time_s"] == ts[-1]["time_s"]
     for key, col in (("step_kernel_s", "kernel_s"), ("step_memory_s", "memory_s"), ("step_other_s", "other_s"),
-                     ("prefill_model_s", "prefill_model_s"), ("compaction_s", "compaction_s"),
+                     ("prefill_model_s", "prefill_model_s"), ("prefill_attention_s", "prefill_attention_s"),
+                     ("compaction_s", "compaction_s"),
                      ("decode_tokens", "batch")):
         assert s[key] == pytest.approx(sum(r[col] for r in ts)), key
     for key in ("evictions", "preemptions", "completed", "hit_rate"):
@@ -152,9 +158,14 @@ def test_replay_summary_agrees_with_its_series_and_request_rows():
     assert s["mean_batch"] == pytest.approx(np.mean([r["batch"] for r in ts if r["batch"]]))
     assert s["utilization_max"] == max(r["utilization"] for r in ts)
     assert s["external_fragmentation_mean"] == pytest.approx(np.mean([r["external_fragmentation"] for r in ts]))
-    assert {k: s[k] for k in s if k.startswith(("ttft", "queueing"))} == {
+    assert {k: s[k] for k in s if k.startswith(("ttft", "queueing", "prefill_attention_s_"))} == {
         **percentiles([r["ttft_s"] for r in rows], "ttft_s"),
-        **percentiles([r["queueing_delay_s"] for r in rows], "queueing_delay_s")}
+        **percentiles([r["queueing_delay_s"] for r in rows], "queueing_delay_s"),
+        **percentiles([r["prefill_attention_s"] for r in rows], "prefill_attention_s")}
+    # the prefill attention is part of the prefill kernels, which are part of the step's kernels; first
+    # admissions' shares are part of the total (recomputations add to it)
+    assert 0 < s["prefill_attention_s"] < s["prefill_kernel_s"] <= s["step_kernel_s"]
+    assert sum(r["prefill_attention_s"] for r in rows) <= s["prefill_attention_s"] * (1 + 1e-9)
     assert s["hit_blocks"] == sum(r["hit_blocks"] for r in rows) and s["preemptions"] == sum(
         r["preemptions"] for r in rows)
     assert s["compactions"] >= 1 and s["preemptions"] >= 1  # the case exercises both

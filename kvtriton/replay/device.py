@@ -5,19 +5,35 @@ request stream the way a continuous-batching engine does, on real device memory:
 
 - **Clock.** A simulated clock in seconds. Requests arrive at ``arrival_s / config.time_compression``
   (all at 0 with ``ignore_arrivals``). A step advances the clock by its measured wall time (or by
-  ``config.step_time_s``, which makes the schedule independent of the machine: deterministic for a seed)
-  plus the modelled prefill time of the prompts it admitted, and a compaction by its measured time;
-  when nothing runs the clock jumps to the next arrival.
+  ``config.step_time_s``, which makes the schedule independent of the machine: deterministic for a seed,
+  the measured kernel times left out) plus the cost model's prefill time of the prompts it admitted, and
+  a compaction by its measured time; when nothing runs the clock jumps to the next arrival.
 - **Admission.** Arrived requests wait in FIFO order. The head of the queue is admitted while the batch
   has room (``max_batch``) and the pool can hold its prompt: a prefix-cache lookup pins the longest
   cached run of its full prompt blocks (hits, shared), then blocks for the rest are allocated, evicting
   cached blocks under the pool's policy when no block is free. A head that does not fit waits (no
   reordering, so long prompts are not starved).
 - **Prefill.** The K/V of the missed tokens are written with ``append_kv`` into every layer (synthetic
-  random values, real bytes). No model weights exist, so the prefill's compute is a cost model:
-  ``prefill_s = missed_tokens * config.prefill_s_per_token`` (default 1e-4 s: about 10k tokens/s, a
-  7-8B model's prefill on one H100), plus the measured ``append_kv`` time. The first output token is
-  produced by the prefill.
+  random values, real bytes); then ``paged_prefill_attention`` runs over every layer for the missed
+  tokens of all the sequences the step admitted, one batched call per layer and model (synthetic
+  queries, ``num_q_heads`` of the model shape): the missed part attends to its prefix in the pages
+  (prefix hits read from the cache) and causally to itself. So the prefill's attention time is
+  measured, not modelled. What has no kernel here, the projections and the MLP (no model weights run),
+  is a cost model: ``missed_tokens * config.prefill_s_per_token``. Its default, 1e-4 s (about 10k
+  tokens/s, a 7-8B model's prefill on one H100), was the whole prefill's figure and stays as the linear
+  layers' one: at the traces' prompt lengths attention is a few percent of a 7-8B model's prefill FLOPs
+  (4·t·Hq·D per layer for a token at position t against 2·params: about 4% for Llama-3-8B at 2048-token
+  prompts). A prompt's prefill time is its cost-model time, its measured ``append_kv`` time and its share
+  of the step's attention time (each model's measured time shared in proportion to the query-key pairs a
+  prompt computes: ``n * p + n * (n + 1) / 2`` for ``n`` missed tokens after ``p`` cached ones). The
+  prompts of a step are charged one after another in admission order, and the first output token of a
+  prompt comes at the end of its own prefill. With ``step_time_s`` the measured kernel times stay out of
+  the clock and TTFT (only the cost model counts), so the schedule stays machine-independent. A prompt
+  wholly in the cache computes nothing. Memory stays bounded at any shape: the synthetic K/V written per
+  ``append_kv`` call and the queries per attention call are at most 8192 tokens
+  (``engine.PREFILL_CHUNK_TOKENS``); a step with more missed tokens makes several calls per layer, and a
+  longer prompt is cut into chunks, each attending to its prefix and the chunks before it (chunked
+  prefill).
 - **Decode.** Every step appends one token to each running sequence (a new block when the last one is
   full) and runs ``paged_decode_attention`` over each layer of the model shape for the whole batch.
   When a sequence needs a block and none is free or evictable, the most recently admitted running
@@ -56,10 +72,12 @@ back (counted as a compaction). Each step runs every model's kernels. The summar
 series ``<model>.{used_blocks, held_bytes}``; ``capacity_blocks`` is 0 (``arena_bytes`` bounds them).
 With one model the request's ``model`` field is not consulted.
 
-**Step time split.** ``kernel``: the measured time of ``append_kv`` and ``paged_decode_attention``
-(CUDA events around the kernel launches on a GPU, ``perf_counter`` on the CPU); ``memory``: host time in
-the memory manager and the replay's block-table bookkeeping (allocation, prefix lookup, release, policy
-updates, block-table and slot-mapping uploads); ``other``: the rest of the step's wall time (scheduling,
+**Step time split.** ``kernel``: the measured time of ``append_kv``, ``paged_prefill_attention`` and
+``paged_decode_attention`` (CUDA events around the kernel launches on a GPU, ``perf_counter`` on the
+CPU; the prefill attention's part is ``prefill_attention_s``, in the summary, the time series and each
+request's row); ``memory``: host time in the memory manager and the replay's block-table bookkeeping
+(allocation, prefix lookup, release, policy updates, block-table, slot-mapping and prefill-index
+uploads); ``other``: the rest of the step's wall time (scheduling,
 launch overhead, synchronisation).
 **Modules.** ``device`` (this: the entry point and its argument checks), ``device_config`` (the knobs and
 the result), ``sequences`` (requests to sequences and pool-block keys), ``engine`` (the loop, one small

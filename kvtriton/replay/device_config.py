@@ -105,7 +105,8 @@ class DeviceReplayConfig:
     max_output_tokens: int | None = _knob(None, _positive_int_or_none, "cap generated tokens per request")
     max_batch: int = _knob(64, _positive_int, "running sequences at most, per model")
     prefill_s_per_token: float = _knob(1e-4, _nonnegative_real,
-                                       "prefill cost model: seconds per missed prompt token")
+                                       "prefill cost model: seconds of projections and MLP per missed prompt "
+                                       "token (the attention runs and is measured)")
     step_time_s: float | None = _knob(None, _nonnegative_real_or_none,
                                       "clock: every step lasts this long (None: its measured wall time)")
     compaction_threshold: float | None = _knob(0.5, _fraction_or_none,

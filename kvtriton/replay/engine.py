@@ -3,8 +3,8 @@
 Each phase is a small method that fills the step's :class:`~kvtriton.replay.metrics.StepRecord` and
 reports events to the run's :class:`~kvtriton.replay.metrics.ReplayMetrics`; the engine talks to each
 model's ``CachePool`` directly (request, append, release, kv, stats, evict, compact, validate). The
-semantics (clock, admission, prefill cost model, preemption, compaction, time split) are documented in
-:mod:`kvtriton.replay.device`.
+semantics (clock, admission, prefill attention and cost model, preemption, compaction, time split) are
+documented in :mod:`kvtriton.replay.device`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ from .device_config import DeviceReplayConfig, DeviceReplayResult
 from .metrics import KernelTimer, ModelCounters, ReplayMetrics, StepRecord, pool_figures
 from .sequences import SequenceState
 
-__all__ = ["ReplayEngine", "ModelBatch", "make_allocator"]
+__all__ = ["ReplayEngine", "ModelBatch", "make_allocator", "PREFILL_CHUNK_TOKENS"]
+
+# Prefill works in pieces of at most this many tokens: the synthetic K/V rows written per append_kv call,
+# and the query rows per paged_prefill_attention call (a step's prompts are packed into calls this big; a
+# longer prompt is cut into chunks). Bounds the synthetic tensors and the attention output at any shape
+# (Llama-3-70B: 8192 x 64 query heads x 128 x bf16 = 128 MiB).
+PREFILL_CHUNK_TOKENS = 8192
 
 
 # ------------------------------------------------------------------------------------------ arena
@@ -92,9 +98,13 @@ class ModelBatch:
         self.k_new = torch.randn(B, H, D, generator=gen, device=device).to(dt)
         self.v_new = torch.randn(B, H, D, generator=gen, device=device).to(dt)
         max_tokens = max((s.max_tokens for s in seqs), default=1)
-        chunk = min(max_tokens, 8192)
+        chunk = min(max_tokens, PREFILL_CHUNK_TOKENS)
         self.k_fill = torch.randn(chunk, H, D, generator=gen, device=device).to(dt)
         self.v_fill = torch.randn(chunk, H, D, generator=gen, device=device).to(dt)
+        # prefill queries: a step's prompts share one attention call when they fit (at most max_batch are
+        # admitted at once), within the bound
+        rows = min(sum(sorted((s.max_tokens for s in seqs), reverse=True)[:B]) or 1, PREFILL_CHUNK_TOKENS)
+        self.q_fill = torch.randn(rows, Hq, D, generator=gen, device=device).to(dt)
         self.bt = np.zeros((B, spec.blocks_for_tokens(max_tokens)), dtype=np.int32)  # block_tables [B, max_blocks]
         self.lens = np.zeros(B, dtype=np.int32)                                      # seq_lens [B]
         self.running: list[SequenceState] = []
@@ -146,7 +156,7 @@ class ReplayEngine:
         self.pending: deque[SequenceState] = deque(seqs)
         self.waiting: deque[SequenceState] = deque()
         self._order = 0
-        self._append_kv = self._attn = None
+        self._append_kv = self._attn = self._prefill_attn = None
         self._launches: list = []  # the last decode's device inputs (see _decode)
 
     def close(self):
@@ -181,8 +191,9 @@ class ReplayEngine:
 
     def bind_kernels(self) -> None:
         """Look the ops up now (``run`` does): tests and benchmarks replace them on ``kvtriton.ops``."""
-        from ..ops import append_kv, paged_decode_attention
+        from ..ops import append_kv, paged_decode_attention, paged_prefill_attention
         self._append_kv, self._attn = append_kv, paged_decode_attention
+        self._prefill_attn = paged_prefill_attention
 
     def step(self, now: float) -> tuple[StepRecord, float]:
         """One step at clock ``now``: ``(its record, the clock after it)``."""
@@ -252,22 +263,92 @@ class ReplayEngine:
             st.admitted.append((s, hits))
 
     def _prefill(self, st: StepRecord, now: float) -> None:
-        """Write the admitted sequences' missed K/V; the first token of a first admission comes at the
-        end of its prefill (the cost model's time of the prompts before it and its own, plus kernels)."""
+        """Prefill the admitted sequences: write their missed K/V (``append_kv``), run the prefill attention
+        of their missed tokens over their pages (``paged_prefill_attention``, one batched call per layer
+        and model; prefix hits read from the cache) and charge the cost model for the rest of the forward
+        pass (projections and MLP). A first admission's first token comes at the end of its prefill: the
+        prompts of the step are charged one after another in admission order (cost model, ``append_kv``
+        and each one's share of the batched attention)."""
         cfg = self.cfg
+        written = []  # (sequence, first missed position, missed tokens, append_kv seconds)
         for s, hits in st.admitted:
             missed, slot_s = self._write_prompt(s, hits)
             st.memory_s += slot_s
-            kernel_s = self.timer.collect()
+            written.append((s, s.seq_len - missed, missed, self.timer.collect()))
+        attention = self._prefill_attention(st, written)
+        for s, _start, missed, append_s in written:
+            attn_s = attention.get(s, 0.0)
+            kernel_s = append_s + attn_s
             st.prefill_kernel_s += kernel_s
+            st.prefill_attention_s += attn_s
             cost = missed * cfg.prefill_s_per_token
             st.prefill_model_s += cost
             first = s.admissions == 1
-            self.metrics.on_prefill(s.m.counts, s.prompt_len, missed, kernel_s, cost, first)
+            self.metrics.on_prefill(s.m.counts, s.prompt_len, missed, kernel_s, cost, first, attention_s=attn_s)
             if first:
+                s.prefill_attention_s = attn_s
                 s.first_token_at = now + st.prefill_model_s + (st.prefill_kernel_s if cfg.step_time_s is None
                                                                else 0.0)
                 s.generated = 1
+
+    def _prefill_attention(self, st: StepRecord, written) -> dict:
+        """``paged_prefill_attention`` over every layer for the missed tokens of ``written`` (``(sequence,
+        first missed position, missed tokens, _)``, K/V already in the pages), batched per model; returns
+        ``{sequence: seconds}``, each model's measured time shared among its sequences in proportion to the
+        query-key pairs each computes (``n * p + n * (n + 1) / 2`` for ``n`` missed tokens after ``p``)."""
+        by_model: dict[ModelBatch, list] = {}
+        for s, start, n, _ in written:
+            if n > 0:  # a prompt wholly in the cache computes nothing here
+                by_model.setdefault(s.m, []).append((s, start, n))
+        shares = {}
+        for m, items in by_model.items():
+            tm = time.perf_counter()
+            calls = self._prefill_inputs(m, items)
+            st.memory_s += time.perf_counter() - tm
+            tok = self.timer.start()
+            for rows, bt, lens, cu in calls:
+                q = m.q_fill[:rows]
+                for kc, vc in m.kv:
+                    self._prefill_attn(q, kc, vc, bt, lens, cu)
+            self.timer.stop(tok)
+            seconds = self.timer.collect()
+            pairs = [n * start + n * (n + 1) // 2 for _, start, n in items]
+            total = sum(pairs)
+            for (s, _, _), w in zip(items, pairs):
+                shares[s] = seconds * w / total
+        return shares
+
+    def _prefill_inputs(self, m: ModelBatch, items) -> list:
+        """The prefill attention calls of ``items`` (``(sequence, first missed position, missed tokens)``):
+        ``[(query rows, block_tables int32 [b, max_blocks], seq_lens int32 [b], cu_seqlens_q int32
+        [b + 1])]`` on the device, each call at most ``PREFILL_CHUNK_TOKENS`` query rows (``m.q_fill``'s).
+        A longer prompt is cut into chunks, each an entry of its own whose ``seq_lens`` ends at the chunk's
+        last token: it attends to the prefix and the chunks before it (chunked prefill)."""
+        cap, bs, dev = m.q_fill.shape[0], m.spec.block_size, self.device
+        calls, slots, lens, cu = [], [], [], [0]
+
+        def flush():
+            if not slots:
+                return
+            width = -(-max(lens) // bs)  # only the blocks this call reads
+            bt = torch.from_numpy(np.ascontiguousarray(m.bt[slots, :width])).to(dev, non_blocking=True)
+            sl = torch.from_numpy(np.asarray(lens, dtype=np.int32)).to(dev, non_blocking=True)
+            cq = torch.from_numpy(np.asarray(cu, dtype=np.int32)).to(dev, non_blocking=True)
+            calls.append((cu[-1], bt, sl, cq))
+            slots.clear()
+            lens.clear()
+            del cu[1:]
+
+        for s, start, n in items:
+            for off in range(0, n, cap):
+                k = min(cap, n - off)
+                if cu[-1] + k > cap:
+                    flush()
+                slots.append(s.slot)
+                lens.append(start + off + k)
+                cu.append(cu[-1] + k)
+        flush()
+        return calls
 
     def _decode(self, st: StepRecord) -> None:
         """One token per running sequence of every model: its slot (preempting when a pool is full),
@@ -507,14 +588,25 @@ class ReplayEngine:
         dev = self.device
         for m in self.models.values():
             spec = m.pool.spec
-            scratch = torch.zeros((4, *spec.block_shape), dtype=spec.dtype, device=dev)
+            bs = spec.block_size
+            # enough blocks for a 128-token prefill chunk (the prefill kernel's largest tile)
+            nb = max(4, -(-128 // bs))
+            scratch = torch.zeros((nb, *spec.block_shape), dtype=spec.dtype, device=dev)
             kc, vc = scratch[:, 0, 0], scratch[:, 0, 1]
             b = min(2, m.q.shape[0])
             bt = torch.tensor([[0, 1], [2, 3]][:b], dtype=torch.int32, device=dev)
-            lens = torch.full((b,), 2 * spec.block_size - 1, dtype=torch.int32, device=dev)
+            lens = torch.full((b,), 2 * bs - 1, dtype=torch.int32, device=dev)
             slots = torch.arange(b, dtype=torch.int64, device=dev)
             self._append_kv(m.k_new[:b], m.v_new[:b], kc, vc, slots)
             for splits in (1, 2):  # the loop may take either variant
                 self._attn(m.q[:b], kc, vc, bt, lens, num_splits=splits)
-            move_blocks(scratch, torch.tensor([0], device=dev), torch.tensor([3], device=dev))
+            # the prefill kernel's tile size follows the rows per chunk: one chunk of 1, 2, 4 .. 128 tokens
+            # compiles every variant
+            pbt = torch.arange(nb, dtype=torch.int32, device=dev)[None]
+            n = 1
+            while n <= min(128, m.q_fill.shape[0]):
+                self._prefill_attn(m.q_fill[:n], kc, vc, pbt, torch.tensor([n], dtype=torch.int32, device=dev),
+                                   torch.tensor([0, n], dtype=torch.int32, device=dev))
+                n *= 2
+            move_blocks(scratch, torch.tensor([0], device=dev), torch.tensor([nb - 1], device=dev))
         self._sync()

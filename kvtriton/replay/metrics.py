@@ -10,10 +10,15 @@ blocks looked up, first admissions only), ``token_hit_rate`` (``prefill_tokens_s
 ``prefill_tokens``), ``prefill_tokens_computed`` (missed tokens written, recomputation included;
 ``recompute_tokens`` is the part due to preemption), ``evictions``, ``preemptions``,
 ``queueing_delay_s_*`` (arrival to first admission) and ``ttft_s_*`` (arrival to first token: queueing,
-the modelled prefill time of the prompts admitted before it in its step and its own, and the measured
-``append_kv`` time) as mean/p50/p95/p99, ``decode_tokens`` and ``decode_tokens_per_s`` (over the wall
+then the prefill of the prompts admitted before it in its step and its own: the cost model's projections
+and MLP, and on the measured clock their ``append_kv`` time and their shares of the step's
+``paged_prefill_attention`` time) as mean/p50/p95/p99, ``prefill_attention_s_*`` (a request's share of the
+measured prefill attention of its first admission, the part of its TTFT that attention takes on the
+measured clock) as mean/p50/p95/p99, ``decode_tokens`` and ``decode_tokens_per_s`` (over the wall
 time of the steps that decoded), ``step_{kernel,memory,other}_s`` and their ``_frac``,
-``compactions``/``compaction_s``/``blocks_moved``/``chunks_returned``, and
+``prefill_kernel_s`` (measured prefill kernels: ``append_kv`` and ``paged_prefill_attention``, recomputation
+included), ``prefill_attention_s`` (its ``paged_prefill_attention`` part), ``prefill_model_s`` (the cost
+model's projections and MLP), ``compactions``/``compaction_s``/``blocks_moved``/``chunks_returned``, and
 ``utilization_*``/``external_fragmentation_*`` (mean and max over the time series). ``timeseries`` has a
 row every ``record_every`` steps (``TIMESERIES_KEYS``, counts cumulative); ``requests`` a row per request
 (``REQUEST_KEYS``). With several models the summary adds ``<model>.<key>`` for ``MODEL_KEYS`` and each
@@ -38,21 +43,24 @@ SUMMARY_KEYS = (
     "prefill_tokens_computed", "recompute_tokens", "evictions", "preemptions",
     "queueing_delay_s_mean", "queueing_delay_s_p50", "queueing_delay_s_p95", "queueing_delay_s_p99",
     "ttft_s_mean", "ttft_s_p50", "ttft_s_p95", "ttft_s_p99",
+    "prefill_attention_s_mean", "prefill_attention_s_p50", "prefill_attention_s_p95", "prefill_attention_s_p99",
     "decode_tokens", "decode_time_s", "decode_tokens_per_s", "decode_kernel_s", "mean_batch",
     "step_kernel_s", "step_memory_s", "step_other_s", "step_total_s",
     "step_kernel_frac", "step_memory_frac", "step_other_frac",
-    "prefill_kernel_s", "prefill_model_s", "compactions", "compaction_s", "blocks_moved", "chunks_returned",
+    "prefill_kernel_s", "prefill_attention_s", "prefill_model_s",
+    "compactions", "compaction_s", "blocks_moved", "chunks_returned",
     "utilization_mean", "utilization_max", "external_fragmentation_mean", "external_fragmentation_max",
 )
 # Memory figures over every pool (``pool_figures``): blocks summed, fractions of the bytes.
 POOL_KEYS = ("used_blocks", "cached_blocks", "free_blocks", "utilization", "external_fragmentation",
              "internal_fragmentation", "evictions", "held_bytes")
-# Every time-series row, in this order (counts cumulative: evictions, preemptions, completed).
+# Every time-series row, in this order (counts cumulative: evictions, preemptions, completed;
+# prefill_attention_s is the paged_prefill_attention part of kernel_s).
 TIMESERIES_KEYS = ("step", "time_s", "batch", "waiting", "admitted", "finished", "kernel_s", "memory_s",
-                   "other_s", "prefill_model_s", "compaction_s", *POOL_KEYS, "preemptions", "completed",
-                   "hit_rate")
+                   "other_s", "prefill_model_s", "prefill_attention_s", "compaction_s", *POOL_KEYS, "preemptions",
+                   "completed", "hit_rate")
 REQUEST_KEYS = ("request_id", "model", "arrival_s", "prompt_tokens", "output_tokens", "lookup_blocks",
-                "hit_blocks", "queueing_delay_s", "ttft_s", "finished_s", "preemptions")
+                "hit_blocks", "queueing_delay_s", "ttft_s", "prefill_attention_s", "finished_s", "preemptions")
 MODEL_KEYS = ("requests", "completed", "hit_rate", "prefill_tokens", "decode_tokens", "preemptions")
 
 
@@ -143,19 +151,21 @@ class StepRecord:
     """What one step did and how long its parts took; the engine's phases fill it in turn.
 
     Times in seconds: ``memory_s`` host time in the memory manager and the block-table bookkeeping,
-    ``prefill_kernel_s``/``decode_kernel_s`` measured kernels, ``prefill_model_s`` the prefill cost
-    model, ``compaction_s`` compactions (timed apart from the step), ``wall_s`` the step's wall time
-    without compactions; ``kernel_s`` and ``other_s`` (the rest of the wall time) are set when it closes.
+    ``prefill_kernel_s``/``decode_kernel_s`` measured kernels (``prefill_attention_s`` the
+    ``paged_prefill_attention`` part of the prefill's), ``prefill_model_s`` the prefill cost model
+    (projections and MLP), ``compaction_s`` compactions (timed apart from the step), ``wall_s`` the
+    step's wall time without compactions; ``kernel_s`` and ``other_s`` (the rest of the wall time) are
+    set when it closes.
     """
 
-    __slots__ = ("admitted", "finished", "batch", "memory_s", "prefill_kernel_s", "prefill_model_s",
-                 "decode_kernel_s", "compaction_s", "wall_s", "kernel_s", "other_s")
+    __slots__ = ("admitted", "finished", "batch", "memory_s", "prefill_kernel_s", "prefill_attention_s",
+                 "prefill_model_s", "decode_kernel_s", "compaction_s", "wall_s", "kernel_s", "other_s")
 
     def __init__(self):
         self.admitted: list = []   # (sequence, hit blocks), in admission order
         self.finished: list = []   # sequences completed by this step
         self.batch = 0             # sequences decoded, over every model
-        self.memory_s = self.prefill_kernel_s = self.prefill_model_s = 0.0
+        self.memory_s = self.prefill_kernel_s = self.prefill_attention_s = self.prefill_model_s = 0.0
         self.decode_kernel_s = self.compaction_s = self.wall_s = self.kernel_s = self.other_s = 0.0
 
 
@@ -171,7 +181,7 @@ class ReplayMetrics:
         self.decode_tokens = self.decode_steps = 0
         self.decode_time_s = self.decode_kernel_s = 0.0
         self.prefill_tokens = self.prefill_tokens_computed = self.recompute_tokens = 0
-        self.prefill_kernel_s = self.prefill_model_s = 0.0
+        self.prefill_kernel_s = self.prefill_attention_s = self.prefill_model_s = 0.0
         self.compactions = self.blocks_moved = self.chunks_returned = 0
         self.compaction_s = 0.0
         self.start_evictions = 0
@@ -188,9 +198,12 @@ class ReplayMetrics:
         counts.hits += hit_blocks
 
     def on_prefill(self, counts: ModelCounters, prompt_tokens: int, missed: int, kernel_s: float,
-                   model_s: float, first: bool) -> None:
-        """A prefill of ``missed`` tokens: a first admission's prompt, or a recomputation after preemption."""
+                   model_s: float, first: bool, attention_s: float = 0.0) -> None:
+        """A prefill of ``missed`` tokens: a first admission's prompt, or a recomputation after preemption.
+        ``kernel_s``: its measured kernels, ``attention_s`` of them its prefill attention; ``model_s``: the
+        cost model's projections and MLP."""
         self.prefill_kernel_s += kernel_s
+        self.prefill_attention_s += attention_s
         self.prefill_model_s += model_s
         self.prefill_tokens_computed += missed
         if first:
@@ -237,7 +250,8 @@ class ReplayMetrics:
         row = {"step": self.steps, "time_s": time_s, "batch": st.batch, "waiting": waiting,
                "admitted": len(st.admitted), "finished": len(st.finished),
                "kernel_s": st.kernel_s, "memory_s": st.memory_s, "other_s": st.other_s,
-               "prefill_model_s": st.prefill_model_s, "compaction_s": st.compaction_s, **pool_row,
+               "prefill_model_s": st.prefill_model_s, "prefill_attention_s": st.prefill_attention_s,
+               "compaction_s": st.compaction_s, **pool_row,
                "evictions": pool_row["evictions"] - self.start_evictions,
                "preemptions": self.preemptions, "completed": self.completed,
                "hit_rate": sum(c.hits for c in self.models) / lookups if lookups else 0.0}
@@ -252,7 +266,8 @@ class ReplayMetrics:
                  "prompt_tokens": s.prompt_len, "output_tokens": s.output_len,
                  "lookup_blocks": s.lookup_blocks, "hit_blocks": s.hit_blocks,
                  "queueing_delay_s": s.admitted_at - s.arrival, "ttft_s": s.first_token_at - s.arrival,
-                 "finished_s": s.finished_at, "preemptions": s.preemptions}
+                 "prefill_attention_s": s.prefill_attention_s, "finished_s": s.finished_at,
+                 "preemptions": s.preemptions}
                 for s in sorted(seqs, key=lambda s: s.idx)]
 
     def summary(self, header: dict, requests: list[dict], final_pool_row: dict, sim_time_s: float,
@@ -276,13 +291,15 @@ class ReplayMetrics:
             "evictions": final["evictions"] - self.start_evictions, "preemptions": self.preemptions,
             **percentiles([r["queueing_delay_s"] for r in requests], "queueing_delay_s"),
             **percentiles([r["ttft_s"] for r in requests], "ttft_s"),
+            **percentiles([r["prefill_attention_s"] for r in requests], "prefill_attention_s"),
             "decode_tokens": self.decode_tokens, "decode_time_s": self.decode_time_s,
             "decode_tokens_per_s": _frac(self.decode_tokens, self.decode_time_s),
             "decode_kernel_s": self.decode_kernel_s, "mean_batch": _frac(self.decode_tokens, self.decode_steps),
             "step_kernel_s": self.kernel_s, "step_memory_s": self.memory_s, "step_other_s": self.other_s,
             "step_total_s": total, "step_kernel_frac": _frac(self.kernel_s, total),
             "step_memory_frac": _frac(self.memory_s, total), "step_other_frac": _frac(self.other_s, total),
-            "prefill_kernel_s": self.prefill_kernel_s, "prefill_model_s": self.prefill_model_s,
+            "prefill_kernel_s": self.prefill_kernel_s, "prefill_attention_s": self.prefill_attention_s,
+            "prefill_model_s": self.prefill_model_s,
             "compactions": self.compactions, "compaction_s": self.compaction_s,
             "blocks_moved": self.blocks_moved, "chunks_returned": self.chunks_returned,
             "utilization_mean": float(np.mean(util)), "utilization_max": float(np.max(util)),

@@ -18,7 +18,8 @@ class SequenceState:
 
     __slots__ = ("req", "idx", "arrival", "prompt_len", "output_len", "keys", "cache", "blocks",
                  "seq_len", "generated", "slot", "admitted_at", "first_token_at", "finished_at",
-                 "preemptions", "hit_blocks", "lookup_blocks", "admissions", "order", "model", "m")
+                 "preemptions", "hit_blocks", "lookup_blocks", "admissions", "order", "model", "m",
+                 "prefill_attention_s")
 
     def __init__(self, req: Request, idx: int, arrival: float, prompt_len: int, output_len: int, keys,
                  model: str):
@@ -38,6 +39,7 @@ class SequenceState:
         self.lookup_blocks = 0
         self.admissions = 0
         self.order = 0            # admission counter; the highest is preempted first
+        self.prefill_attention_s = 0.0  # its share of the measured prefill attention of its first admission
 
     @property
     def context_len(self) -> int:
