@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int, check_number
 from . import reference as _ref
 from ._backend import HAS_TRITON, use_triton
 from ._common import (as_index, check_block_tables, check_cache, check_same_device, check_tensor, custom_op,
@@ -476,14 +477,9 @@ def check_attention_shape(num_q_heads: int, num_kv_heads: int, head_dim: int, bl
 def check_scale_window(scale, sliding_window) -> None:
     """ValueError unless ``scale`` is None or a float in ``(0, MAX_SCALE]`` and ``sliding_window`` None or
     an int >= 1."""
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-                or not 0 < scale <= MAX_SCALE:
-            raise ValueError(f"scale must be a float in (0, {MAX_SCALE:g}] (or None for 1/sqrt(head_dim)), "
-                             f"got {scale!r}")
-    if sliding_window is not None:
-        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
-            raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
+    check_number("scale", scale, positive=True, high=MAX_SCALE, allow_none=True,
+                 allowed=f"a float in (0, {MAX_SCALE:g}] (or None for 1/sqrt(head_dim))")
+    check_int("sliding_window", sliding_window, 1, allow_none=True, allowed="an int >= 1 or None")
 
 
 def check_qkv(q, key_cache, value_cache, **index_tensors) -> tuple[int, int, int, int]:
@@ -515,8 +511,7 @@ def _validate(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_
         raise ValueError(f"block_tables must be [batch={batch}, max_blocks], got shape {tuple(block_tables.shape)}")
     check_scale_window(scale, sliding_window)
     if num_splits is not None:
-        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= _MAX_SPLITS:
-            raise ValueError(f"num_splits must be an int in [1, {_MAX_SPLITS}] or None, got {num_splits!r}")
+        check_int("num_splits", num_splits, 1, _MAX_SPLITS, allowed=f"an int in [1, {_MAX_SPLITS}] or None")
     # Shapes and dtypes always; index values where that needs no device sync (CPU, or debug checks).
     check_block_tables(block_tables, seq_lens, block_size=block_size, num_blocks=num_blocks, device=q.device)
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..checks import check_int
 from . import reference as _ref
 from ._backend import use_triton
 from ._common import (as_index, check_index, check_table_values, host_values, unit_last_stride,
@@ -93,9 +94,7 @@ class _State:
 
 
 def _int_arg(name, v, low):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    return int(v)
+    return check_int(name, v, low)
 
 
 class PagedAttentionPlan:
@@ -166,9 +165,8 @@ class PagedAttentionPlan:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of float16, bfloat16, float32, got {dtype!r}")
         check_scale_window(scale, sliding_window)
-        if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                       or not 1 <= num_splits <= _MAX_SPLITS):
-            raise ValueError(f"num_splits must be an int in [1, {_MAX_SPLITS}] or None, got {num_splits!r}")
+        check_int("num_splits", num_splits, 1, _MAX_SPLITS, allow_none=True,
+                  allowed=f"an int in [1, {_MAX_SPLITS}] or None")
         block_tables, seq_lens = as_index(block_tables), as_index(seq_lens)
         check_index("block_tables", block_tables, ndim=2)
         check_index("seq_lens", seq_lens, ndim=1)

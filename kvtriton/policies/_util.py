@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+from ..checks import check_int, check_number
+
 
 def check_capacity(capacity):
     """``capacity`` (blocks) as an int, or None; ValueError unless it is a positive integer."""
-    if capacity is None:
-        return None
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity must be a positive integer number of blocks or None, got {capacity!r}")
-    return capacity
+    return check_int("capacity", capacity, 1, allow_none=True,
+                     allowed="a positive integer number of blocks or None")
 
 
 def check_size(size):
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
-        raise ValueError(f"size must be a positive number, got {size!r}")
+    check_number("size", size, positive=True)
     return size
 
 

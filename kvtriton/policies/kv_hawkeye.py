@@ -7,13 +7,14 @@ from collections import deque
 
 import numpy as np
 
+from ..checks import check_int, is_number
 from ._refage import RefAgePolicy
 from ._util import check_capacity
 from .base import register_policy
 
 
 def _number(name, value, allowed, ok):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+    if not is_number(value) or not ok(value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return float(value)
 
@@ -65,11 +66,9 @@ class KVHawkeyePolicy(RefAgePolicy):
                                       lambda v: v >= 0)
         self.window = _number("window", window, "a positive number (x capacity block references)",
                               lambda v: v > 0)
-        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 2:
-            raise ValueError(f"memory must be an int >= 2 (labels a signature remembers), got {memory!r}")
-        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 0):
-            raise ValueError("history must be a non-negative int or None (8 x capacity, at least 131072), "
-                             f"got {history!r}")
+        check_int("memory", memory, 2, allowed="an int >= 2 (labels a signature remembers)")
+        check_int("history", history, 0, allow_none=True,
+                  allowed="a non-negative int or None (8 x capacity, at least 131072)")
         super().__init__(history)
         self.memory = memory
         self._fixed_limit = history if history is not None else max(8 * (self._capacity or 0), 1 << 17)

@@ -3,6 +3,7 @@ the worth of a reference against age learned online by shadow caches."""
 
 from __future__ import annotations
 
+from ..checks import check_int, check_number, is_number
 from ._refage import RefAgePolicy
 from ._util import check_capacity
 from .base import register_policy
@@ -51,21 +52,18 @@ class PrefixAwarePolicy(RefAgePolicy):
     def __init__(self, capacity: int | None = None, beta: float | None = None, history: int | None = None,
                  betas=(0.5, 2.0, 4.0), half_life: float = 500.0, every: int = 50):
         self._capacity = check_capacity(capacity)
-        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0):
-            raise ValueError(f"beta must be a positive number or None (learned online), got {beta!r}")
-        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 0):
-            raise ValueError("history must be a non-negative int or None (8 x capacity, at least 131072), "
-                             f"got {history!r}")
+        check_number("beta", beta, positive=True, allow_none=True,
+                     allowed="a positive number or None (learned online)")
+        check_int("history", history, 0, allow_none=True,
+                  allowed="a non-negative int or None (8 x capacity, at least 131072)")
         try:
             betas = tuple(betas)
         except TypeError:
             raise ValueError(f"betas must be a non-empty sequence of positive numbers, got {betas!r}") from None
-        if not betas or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0 for b in betas):
+        if not betas or not all(is_number(b) and b > 0 for b in betas):
             raise ValueError(f"betas must be a non-empty sequence of positive numbers, got {betas!r}")
-        if isinstance(half_life, bool) or not isinstance(half_life, (int, float)) or not half_life > 0:
-            raise ValueError(f"half_life must be a positive number of requests, got {half_life!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int (requests between choices), got {every!r}")
+        check_number("half_life", half_life, positive=True, allowed="a positive number of requests")
+        check_int("every", every, 1, allowed="a positive int (requests between choices)")
         super().__init__(history)
         adaptive = beta is None and self._capacity is not None
         if beta is None:

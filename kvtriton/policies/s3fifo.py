@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from ..checks import check_int
 from ._util import already_resident, check_capacity, check_size, empty, not_pinned, not_resident
 from .base import EvictionPolicy, Key, register_policy
 
@@ -30,9 +31,7 @@ class S3FIFOPolicy(EvictionPolicy):
         self._capacity = check_capacity(capacity)
         if not 0.0 < small_ratio < 1.0:
             raise ValueError(f"small_ratio must be in (0, 1), got {small_ratio!r}")
-        if isinstance(move_to_main_threshold, bool) or not isinstance(move_to_main_threshold, int) \
-                or not 1 <= move_to_main_threshold <= 3:
-            raise ValueError(f"move_to_main_threshold must be 1, 2 or 3, got {move_to_main_threshold!r}")
+        check_int("move_to_main_threshold", move_to_main_threshold, 1, 3, allowed="1, 2 or 3")
         self.small_ratio = small_ratio
         self.move_to_main_threshold = move_to_main_threshold
         self._small: OrderedDict = OrderedDict()  # oldest first

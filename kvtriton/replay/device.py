@@ -91,6 +91,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..checks import check_int
 from ..devices import resolve_device
 from ..spec import PRESETS
 from ..workloads.request import Request
@@ -207,8 +208,7 @@ def _check_memory(specs: dict, capacity_blocks, budget_bytes) -> tuple[int | Non
 
 
 def _check_positive(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    check_int(name, v, 1, allowed="a positive int")
 
 
 def _check_fits(seqs, specs: dict, capacity_blocks, budget_bytes) -> None:

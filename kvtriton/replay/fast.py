@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from ..checks import check_int
 from ..policies import available_policies, canonical_name, make_policy
 from ..policies.base import EvictionPolicy as _Base
 from ..policies.prefix_replay import RELEASE_ORDERS as ORDERS, PrefixCacheReplay
@@ -52,10 +53,8 @@ def _prepare(requests):
             bt = getattr(r, "block_tokens", 512)
         except AttributeError:
             raise ValueError(f"requests[{i}] is not a Request record (needs hash_ids and input_length)") from None
-        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-            raise ValueError(f"requests[{i}].input_length must be a non-negative int, got {length!r}")
-        if isinstance(bt, bool) or not isinstance(bt, int) or bt < 1:
-            raise ValueError(f"requests[{i}].block_tokens must be a positive int, got {bt!r}")
+        check_int(f"requests[{i}].input_length", length, 0, allowed="a non-negative int")
+        check_int(f"requests[{i}].block_tokens", bt, 1, allowed="a positive int")
         n = len(ids)
         last = length - bt * (n - 1) if n else 0
         if n and not 1 <= last <= bt:
@@ -67,8 +66,7 @@ def _prepare(requests):
 def _check_capacity(capacity, max_blocks):
     if capacity is None:
         return None
-    if isinstance(capacity, bool) or not isinstance(capacity, int):
-        raise ValueError(f"capacity_blocks must be a positive int (or None: unlimited), got {capacity!r}")
+    check_int("capacity_blocks", capacity, allowed="a positive int (or None: unlimited)")
     if capacity < max(1, max_blocks):
         raise ValueError(f"capacity_blocks={capacity} is below the largest request's {max_blocks} blocks; "
                          f"a running request's blocks are pinned, so capacity_blocks must be >= "
@@ -109,9 +107,7 @@ def simulate(requests, policy, capacity_blocks, *, order: str = "prefix", sample
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    if sample_every is not None and (isinstance(sample_every, bool) or not isinstance(sample_every, int)
-                                     or sample_every < 1):
-        raise ValueError(f"sample_every must be a positive int or None, got {sample_every!r}")
+    check_int("sample_every", sample_every, 1, allow_none=True, allowed="a positive int or None")
     if _prepared is None:
         requests, prepared = _prepare(requests)
     else:
@@ -199,8 +195,7 @@ def miss_ratio_curve(requests, policies=None, capacities=(1000, 3000, 10000, 200
         if c is None:
             raise ValueError("capacities must be positive ints; use simulate(..., None) for an unlimited cache")
         _check_capacity(c, max_blocks)
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise ValueError(f"workers must be a non-negative int or None, got {workers!r}")
+    check_int("workers", workers, 0, allow_none=True, allowed="a non-negative int or None")
     kw = {canonical_name(k): v for k, v in (policy_kwargs or {}).items()}
     import pandas as pd
 

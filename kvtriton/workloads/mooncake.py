@@ -8,9 +8,9 @@ there and pass their path; the project does not ship them.
 from __future__ import annotations
 
 import json
-import math
 import os
 
+from ..checks import check_int, check_number, is_int
 from .request import Request
 
 BLOCK_TOKENS = 512  # Mooncake hashes prompts in blocks of 512 tokens
@@ -20,9 +20,7 @@ def _int(obj, field, where, minimum):
     v = obj.get(field)
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{where}: {field!r} must be an integer >= {minimum}, got {v!r}")
-    return v
+    return check_int(f"{where}: {field!r}", v, minimum, allowed=f"an integer >= {minimum}")
 
 
 def _parse_line(raw: bytes, where: str):
@@ -49,15 +47,14 @@ def _request(obj, where: str, request_id: int, lineno: int) -> Request:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     ts = obj.get("timestamp")
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0 <= ts < math.inf:
-        raise ValueError(f"{where}: 'timestamp' must be a finite number of ms >= 0, got {ts!r}")
+    check_number(f"{where}: 'timestamp'", ts, 0, allowed="a finite number of ms >= 0")
     input_length = _int(obj, "input_length", where, 1)
     output_length = _int(obj, "output_length", where, 0)
     ids = obj.get("hash_ids")
     if not isinstance(ids, list) or not ids:
         raise ValueError(f"{where}: 'hash_ids' must be a non-empty list of ints, got {ids!r}")
     for h in ids:
-        if isinstance(h, bool) or not isinstance(h, int):
+        if not is_int(h):
             raise ValueError(f"{where}: 'hash_ids' must hold ints, found {h!r}")
     expected = -(-input_length // BLOCK_TOKENS)
     if len(ids) != expected:
@@ -79,8 +76,7 @@ def load_mooncake(path, limit: int | None = None) -> list[Request]:
     raises ValueError naming the file and line, and nothing is returned; a trace with no requests
     raises ValueError.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    check_int("limit", limit, 1, allow_none=True, allowed="a positive int or None")
     path = os.fspath(path)
     out: list[Request] = []
     with open(path, "rb") as f:

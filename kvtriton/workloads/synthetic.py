@@ -27,6 +27,7 @@ from typing import Hashable
 
 import numpy as np
 
+from ..checks import check_int, is_int
 from ..spec import DESIGN_CACHE_BYTES, PRESETS
 from .request import Request
 
@@ -57,17 +58,15 @@ class _ChainIds:
 # ----------------------------------------------------------------------------------------- validation
 
 def _check_int(name: str, v, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    return int(v)
+    return check_int(name, v, lo)
 
 
 def _check_range(name: str, v, lo: int = 1) -> tuple[int, int]:
     """An int or an inclusive ``(low, high)`` pair of ints, each >= ``lo``."""
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+    if is_int(v):
         v = (v, v)
     if (not isinstance(v, (tuple, list)) or len(v) != 2
-            or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in v)
+            or not all(is_int(x) for x in v)
             or v[0] < lo or v[1] < v[0]):
         raise ValueError(f"{name} must be an int >= {lo} or a (low, high) pair with {lo} <= low <= high, "
                          f"got {v!r}")
