@@ -14,6 +14,22 @@
 3. ``batch_blocks``: ``allocate_blocks(n)`` + ``free_blocks(ids)`` of single blocks in batches of
    ``n``; goal <= 1 us per block, amortized.
 
+``--stats`` runs instead the statistics and compaction section (issue 11, section 5)::
+
+    python experiments/bench_memory.py --stats --baseline-src /tmp/kvbase --out bench_stats.json
+
+4. ``stats``: ``pool.stats()`` with 100, 10,000 and 100,000 live caches (512-byte blocks, 1 to 32
+   tokens each, a tenth of them forks), median over repeats; between two timed calls one cache is
+   requested, appended to and released, so every call sees new counts and a new latency sample (a
+   replay's pattern). Goal: < 1 ms at 100,000 caches.
+5. ``compaction``: ``pool.compact()`` of a ~33,000-block pool (1 KiB blocks, 64 per 64 KiB chunk) whose
+   first half is full and whose second half keeps one 4-block cache in 17, so ~1,000 blocks move; the
+   host time is the wall time of ``compact()`` less the time spent inside ``ops.move_blocks``.
+
+``--baseline-src DIR`` runs the same section in a subprocess on the ``kvtriton`` package under ``DIR``
+(e.g. a copy of an earlier commit), so the baseline and the candidate are measured in one run, and
+prints their ratios. Only the public API is used, so any version of the pool can be the baseline.
+
 Prints medians and ratios and names the machine; ``--out`` writes the JSON::
 
     {"device", "machine", "date", "torch", "results": {"alloc_10mb": {...}, "threads": {...},
@@ -25,7 +41,9 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -34,9 +52,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# KVTRITON_SRC: the tree whose ``kvtriton`` is measured (the baseline's subprocess sets it).
+sys.path.insert(0, os.environ.get("KVTRITON_SRC") or str(Path(__file__).resolve().parents[1]))
 
-from kvtriton import GPUMemoryAllocator, get_spec  # noqa: E402
+import kvtriton  # noqa: E402
+from kvtriton import GPUMemoryAllocator, ModelSpec, get_spec  # noqa: E402
+from kvtriton import ops as _ops  # noqa: E402
 
 MiB = 1 << 20
 
@@ -167,6 +188,154 @@ def bench_batch_blocks(device: torch.device, batch: int, repeats: int) -> dict:
             "repeats": repeats, "leaked": int(leaked)}
 
 
+# ---------------------------------------------------------------------------------------- --stats
+STATS_SPEC = ModelSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float16, block_size=16,
+                       name="bench-512b")            # 512-byte blocks
+COMPACT_SPEC = ModelSpec(num_layers=1, num_kv_heads=2, head_dim=8, dtype=torch.float16, block_size=16,
+                         name="bench-1k")           # 1 KiB blocks
+
+
+def bench_stats(n_caches: int, repeats: int, seed: int = 0) -> dict:
+    """Median ``pool.stats()`` latency with ``n_caches`` live caches; one request/append/release
+    between two timed calls."""
+    spec = STATS_SPEC
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, 2 * spec.block_size + 1, n_caches)
+    budget = (int(sum(-(-int(n) // spec.block_size) for n in lens)) + 1024) * spec.bytes_per_block + 8 * MiB
+    with GPUMemoryAllocator(devices=["cpu"], budget_bytes=budget) as alloc:
+        pool = alloc.create_pool("stats", spec)
+        caches = []
+        for i, n in enumerate(lens.tolist()):
+            if i % 10 == 9:
+                caches.append(caches[int(rng.integers(0, len(caches)))].fork())
+            else:
+                caches.append(pool.request(int(n)))
+        pool.stats()
+        ns = []
+        for _ in range(repeats):
+            c = pool.request(int(rng.integers(1, 33)))
+            c.append(1)
+            c.release()
+            t0 = time.perf_counter_ns()
+            s = pool.stats()
+            ns.append(time.perf_counter_ns() - t0)
+        assert s["live_caches"] == n_caches
+        out = {"caches": n_caches, "repeats": repeats, "median_ms": float(np.median(ns)) / 1e6,
+               "p90_ms": float(np.percentile(ns, 90)) / 1e6, "used_blocks": s["used_blocks"],
+               "internal_fragmentation": s["internal_fragmentation"]}
+        for c in caches:
+            c.release()
+    return out
+
+
+def _compaction_setup(alloc):
+    spec = COMPACT_SPEC
+    pool = alloc.create_pool("compact", spec)
+    bs = spec.block_size
+    caches = []
+    while True:
+        try:
+            caches.append(pool.request(4 * bs))
+        except kvtriton.PoolExhaustedError:
+            break
+    per_chunk = alloc.chunk_bytes // spec.bytes_per_block
+    half = pool.stats()["chunks_held"] // 2 * per_chunk
+    kept = 0
+    for c in caches:
+        if min(c.block_ids) >= half:
+            if kept % 17:
+                c.release()
+            kept += 1
+    return pool
+
+
+def bench_compaction(repeats: int) -> dict:
+    """Host time of ``compact()`` moving ~1,000 blocks in a ~33,000-block pool."""
+    chunk = 64 << 10
+    budget = 516 * chunk
+    real_move = _ops.move_blocks
+    walls, hosts, moved = [], [], []
+    inside = [0]
+
+    def timed_move(*args, **kw):
+        t0 = time.perf_counter_ns()
+        try:
+            return real_move(*args, **kw)
+        finally:
+            inside[0] += time.perf_counter_ns() - t0
+
+    for rep in range(repeats + 1):  # the first warms up (the move kernel's first call compiles)
+        with GPUMemoryAllocator(devices=["cpu"], budget_bytes=budget, chunk_bytes=chunk) as alloc:
+            pool = _compaction_setup(alloc)
+            before = pool.stats()
+            inside[0] = 0
+            _ops.move_blocks = timed_move
+            try:
+                t0 = time.perf_counter_ns()
+                returned = pool.compact()
+                wall = time.perf_counter_ns() - t0
+            finally:
+                _ops.move_blocks = real_move
+            after = pool.stats()
+            pool.validate()
+            if rep:
+                walls.append(wall)
+                hosts.append(wall - inside[0])
+                moved.append(after["blocks_moved"] - before["blocks_moved"])
+    return {"capacity_blocks": before["capacity_blocks"], "live_blocks": before["used_blocks"],
+            "chunks_returned": returned, "blocks_moved": moved[-1], "repeats": repeats,
+            "wall_ms_median": float(np.median(walls)) / 1e6, "host_ms_median": float(np.median(hosts)) / 1e6}
+
+
+def run_stats_section(repeats: int, sizes=(100, 10_000, 100_000)) -> dict:
+    out = {"kvtriton": str(Path(kvtriton.__file__).resolve().parent), "stats": {}}
+    for n in sizes:
+        out["stats"][str(n)] = bench_stats(n, repeats)
+    out["compaction"] = bench_compaction(max(3, repeats // 10))
+    return out
+
+
+def print_stats_section(label: str, r: dict) -> None:
+    print(f"{label} ({r['kvtriton']}):")
+    for n, s in r["stats"].items():
+        print(f"  stats() with {int(n):>7,} live caches: median {s['median_ms']:.4f} ms (p90 {s['p90_ms']:.4f})")
+    c = r["compaction"]
+    print(f"  compact(): {c['blocks_moved']} blocks moved, {c['chunks_returned']} chunks returned in a "
+          f"{c['capacity_blocks']}-block pool: wall {c['wall_ms_median']:.2f} ms, host {c['host_ms_median']:.2f} ms")
+
+
+def stats_main(args, machine: str) -> int:
+    if args.stats_child:
+        print(json.dumps(run_stats_section(args.stats_repeats)))
+        return 0
+    base = None
+    if args.baseline_src:
+        env = dict(os.environ, KVTRITON_SRC=str(Path(args.baseline_src).resolve()))
+        proc = subprocess.run([sys.executable, __file__, "--stats", "--stats-child",
+                               "--stats-repeats", str(args.stats_repeats)],
+                              env=env, capture_output=True, text=True, check=True)
+        base = json.loads(proc.stdout.strip().splitlines()[-1])
+        print_stats_section("baseline", base)
+    cand = run_stats_section(args.stats_repeats)
+    print_stats_section("candidate", cand)
+    ratios = {}
+    if base is not None:
+        for n in cand["stats"]:
+            ratios[f"stats_{n}"] = base["stats"][n]["median_ms"] / cand["stats"][n]["median_ms"]
+        ratios["compaction_host"] = base["compaction"]["host_ms_median"] / cand["compaction"]["host_ms_median"]
+        print("speed-ups (baseline / candidate): " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
+    goals = {"stats_100k_lt_1ms": cand["stats"]["100000"]["median_ms"] < 1.0}
+    for k, v in goals.items():
+        print(f"  goal {k}: {'met' if v else 'NOT met'}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(
+            {"machine": machine, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "torch": torch.__version__,
+             "python": platform.python_version(), "baseline": base, "candidate": cand, "ratios": ratios,
+             "goals": goals}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -175,7 +344,13 @@ def main(argv=None) -> int:
     ap.add_argument("--per-round", type=int, default=2000)
     ap.add_argument("--threads-model", default="deepseek-ocr")
     ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--stats", action="store_true", help="the stats() and compaction section instead (CPU)")
+    ap.add_argument("--stats-repeats", type=int, default=50)
+    ap.add_argument("--baseline-src", default=None, help="with --stats: also measure the kvtriton under this dir")
+    ap.add_argument("--stats-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.stats:
+        return stats_main(args, _machine(torch.device("cpu")))
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)

@@ -5,10 +5,10 @@ __version__ = "0.1.0"
 from .errors import (AllocatorClosedError, ArenaClosedError, CacheReleasedError, ClosedError,  # noqa: E402
                      KVTritonError, PoolClosedError, PoolExhaustedError)
 from .spec import PRESETS, ModelSpec, get_spec  # noqa: E402
-from .memory import (BlockPool, CachePool, GPUMemoryAllocator, VirtualKVCache,  # noqa: E402
+from .memory import (CachePool, GPUMemoryAllocator, VirtualKVCache,  # noqa: E402
                      block_hashes_from_tokens, expand_hash_ids)
 
 __all__ = ["ModelSpec", "PRESETS", "get_spec", "PoolExhaustedError", "CacheReleasedError", "ClosedError",
            "PoolClosedError", "ArenaClosedError", "AllocatorClosedError",
-           "KVTritonError", "GPUMemoryAllocator", "CachePool", "BlockPool", "VirtualKVCache",
+           "KVTritonError", "GPUMemoryAllocator", "CachePool", "VirtualKVCache",
            "block_hashes_from_tokens", "expand_hash_ids", "__version__"]

@@ -55,3 +55,46 @@ def read_all(cache):
         k, v = cache.read_kv(layer)
         out.append(torch.stack([k, v]))
     return torch.stack(out) if out else None
+
+
+def brute_stats(pool) -> dict:
+    """The figures of ``pool.stats()`` that follow from the pool's state, recomputed from scratch
+    through the public views of its caches (the algorithm ``stats()`` used before it kept them
+    incrementally): blocks by state from the holders, fragmentation from every cache's blocks."""
+    bs, B = pool.block_size, pool.block_bytes
+    caches = list(pool._caches.values())
+    full: set[int] = set()
+    partial: dict[int, int] = {}
+    held: set[int] = set(pool._external)
+    tokens = 0
+    for c in caches:
+        n, blocks = c.seq_len, c.block_ids
+        tokens += n
+        held.update(blocks)
+        k = -(-n // bs)
+        if not k:
+            continue
+        full.update(blocks[:k - 1])
+        b, f = blocks[k - 1], n - (k - 1) * bs
+        if f == bs:
+            full.add(b)
+        elif f > partial.get(b, 0):
+            partial[b] = f
+    part = [f for b, f in partial.items() if b not in full]
+    slots = (len(full) + len(part)) * bs
+    cap = int(pool._usable.sum())
+    used = len(held)
+    idle = len(set(pool._cached.values()) - held)
+    free = cap - used - idle
+    chunks = int((pool.arena.owner == pool.pool_id).sum())
+    held_bytes = chunks * pool.arena.chunk_bytes
+    ratio = lambda a, b: float(a) / float(b) if b else 0.0  # noqa: E731
+    return {
+        "capacity_blocks": cap, "used_blocks": used, "cached_blocks": idle, "free_blocks": free,
+        "capacity_bytes": cap * B, "used_bytes": used * B, "cached_bytes": idle * B, "free_bytes": free * B,
+        "block_bytes": B, "block_size": bs, "utilization": ratio(used, cap),
+        "internal_fragmentation": ratio(slots - len(full) * bs - sum(part), slots),
+        "external_fragmentation": 1.0 - ratio(used * B, held_bytes) if held_bytes else 0.0,
+        "chunks_held": chunks, "held_bytes": held_bytes, "live_caches": len(caches), "live_tokens": tokens,
+        "prefix_cache_entries": len(pool._cached),
+    }

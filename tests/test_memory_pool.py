@@ -238,7 +238,7 @@ def test_shrink_moves_live_blocks_and_keeps_their_bytes(alloc):
     for c, d in ((caches[1], data[1]), (caches[3], data[3]), (caches[5], data[5]), (forked, data[1])):
         assert torch.equal(read_all(c), d)
         for b in c.block_ids:  # every block lies in chunks the pool still holds
-            assert (owner[pool._first_chunk[b]:pool._last_chunk[b] + 1] == pool.pool_id).all()
+            assert (owner[pool.geometry.first_chunk[b]:pool.geometry.last_chunk[b] + 1] == pool.pool_id).all()
     assert forked.block_ids == caches[1].block_ids
     pool.validate()
     n_before = pool.stats()["chunks_held"]
@@ -285,7 +285,7 @@ def test_blocks_that_straddle_chunks(alloc, spec):
     for pool, cs in ((p, xs), (q, ys)):
         for c in cs:
             for b in c.block_ids:
-                assert (pool.arena.owner[pool._first_chunk[b]:pool._last_chunk[b] + 1] == pool.pool_id).all()
+                assert (pool.arena.owner[pool.geometry.first_chunk[b]:pool.geometry.last_chunk[b] + 1] == pool.pool_id).all()
     xs[0].release()
     ys[1].release()
     p.compact()

@@ -167,7 +167,7 @@ class PoolMachine(RuleBasedStateMachine):
         free = self.alloc.arenas[torch.device("cpu")].free_chunks
         held = pool.stats()["chunks_held"]
         got = pool.grow(k)
-        unit = pool._unit[0] if pool._unit else 1      # blocks spanning chunks come whole
+        unit = pool.geometry.unit[0] if pool.geometry.unit else 1     # blocks spanning chunks come whole
         assert got <= min(-(-k // unit) * unit, free) and pool.stats()["chunks_held"] == held + got
 
     @rule(which=st.sampled_from("ab"), evict=st.booleans())

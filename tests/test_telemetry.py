@@ -116,3 +116,36 @@ def test_every_pool_reports_under_one_meter(otel):
                 if p.attributes["state"] == "used_blocks"}
         assert used == {"a": 2, "b": 3}
         assert {p.attributes["pool"] for p in m["kvtriton.pool.allocation.duration"]} == {"a", "b"}
+
+
+def test_one_collection_reads_one_snapshot_per_pool(otel):
+    """All the gauges and counters of one collection share one snapshot of each pool (taken once, under
+    the pool's lock), and the next collection takes a new one."""
+    _, _, mp, reader = otel
+    with backend("reference"), GPUMemoryAllocator(devices=["cpu"], budget_bytes=64 << 10, chunk_bytes=4096,
+                                                  meter_provider=mp) as alloc:
+        pools = {n: alloc.create_pool(n, SMALL) for n in ("a", "b")}
+        taken = {n: 0 for n in pools}
+        for name, p in pools.items():
+            real = p._stats_snapshot
+
+            def counted(name=name, real=real):
+                taken[name] += 1
+                return real()
+
+            p._stats_snapshot = counted
+            p.stats = None  # the gauges must not call stats() (it also computes latency percentiles)
+        x = pools["a"].request(5)
+
+        def used(m):
+            return {p.attributes["pool"]: p.value for p in m["kvtriton.pool.blocks"]
+                    if p.attributes["state"] == "used_blocks"}
+
+        m = _metrics(reader)
+        assert taken == {"a": 1, "b": 1}
+        assert used(m) == {"a": 2, "b": 0}
+        assert {p.attributes["pool"]: p.value for p in m["kvtriton.pool.requests"]} == {"a": 1, "b": 0}
+        x.append(8)                                        # 13 tokens: 4 blocks
+        m = _metrics(reader)
+        assert taken == {"a": 2, "b": 2}
+        assert used(m) == {"a": 4, "b": 0}

@@ -1,4 +1,4 @@
-"""GPUMemoryAllocator: the arenas of one or more devices and the model pools carved from them."""
+"""GPUMemoryAllocator: the arenas of one or more devices (CUDA or CPU) and the model pools carved from them."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ _SELECTIONS = ("round_robin", "least_loaded")
 
 class GPUMemoryAllocator:
     """Owns one :class:`Arena` per device and the :class:`CachePool` of each model.
+
+    The name is the original design's; nothing in it needs a GPU. On a "cpu" device the arena is host
+    memory and the same pools, caches, moves and statistics work there (the ops run their Triton
+    kernels in the interpreter, or the plain-PyTorch references): that is how the tests, the CPU
+    replays and the host-side benchmarks use it.
 
     ``devices``: "cpu", "cuda", "cuda:N" or torch.devices (default: every CUDA device, else the CPU).
     Each arena is sized by ``budget_bytes`` (an int for every device, or a dict device -> bytes) or

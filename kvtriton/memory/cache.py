@@ -9,6 +9,7 @@ import torch
 from .. import ops
 from ..errors import CacheReleasedError
 from .checks import check_count, check_token_ids, is_int
+from .hashing import hash_block_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import CachePool
@@ -26,6 +27,12 @@ class VirtualKVCache:
     ``write_kv``/``read_kv`` hold the pool's moves lock from slot mapping to kernel, so a compaction
     cannot move the blocks between the two; take ids for your own kernels inside
     ``pool.stable_blocks()`` (see :mod:`kvtriton.memory.pool`).
+
+    The cache owns its sequence state (block table, length, prefix hashes, token tail, released flag).
+    The pool decides which blocks it gets and changes that state only through the methods below the
+    line "called by the pool", always under the pool's lock; it (and its statistics) read ``_blocks``,
+    ``_seq_len`` and ``_released`` there and never assign them. Invariant: ``len(_blocks) ==
+    ceil(_seq_len / block_size)``.
     """
 
     __slots__ = ("pool", "cache_id", "_blocks", "_seq_len", "max_tokens", "num_cached_tokens", "_hashes",
@@ -45,8 +52,52 @@ class VirtualKVCache:
 
     def _alive(self) -> None:
         if self._released:
-            closed = " (its pool was closed)" if self.pool._closed else ""
+            closed = " (its pool was closed)" if self.pool.closed else ""
             raise CacheReleasedError(f"cache {self.cache_id} of pool {self.pool.name!r} was released{closed}")
+
+    # ---------------------------------------------------------------- called by the pool, under its lock
+    def _advance(self, n: int) -> None:
+        """``n`` more tokens fit in the blocks held."""
+        self._seq_len += n
+
+    def _extend(self, n: int, new_blocks: list[int], cow: tuple[int, int] | None = None) -> None:
+        """``n`` more tokens: ``new_blocks`` appended to the table; ``cow = (j, block)``: logical block
+        ``j`` is replaced by its private copy ``block`` first."""
+        if cow is not None:
+            self._blocks[cow[0]] = cow[1]
+        self._blocks.extend(new_blocks)
+        self._seq_len += n
+
+    def _extend_tokens(self, token_ids: list[int], block_size: int) -> list[tuple[int, object]]:
+        """Extend the prefix hashing by ``token_ids`` (already counted in ``seq_len``); returns
+        ``(logical block, hash)`` of the blocks they made full, for the prefix cache."""
+        tail, hashes = self._tail, self._hashes
+        tail.extend(token_ids)
+        done = []
+        while len(tail) >= block_size:
+            h = hash_block_tokens(hashes[-1] if hashes else None, tail[:block_size])
+            del tail[:block_size]
+            hashes.append(h)
+            done.append((len(hashes) - 1, h))
+        return done
+
+    def _remap(self, mapping: dict[int, int]) -> None:
+        """Blocks moved by a shrink or compaction (``old -> new``). The table is replaced, never edited,
+        so a reader holding the old list (``slot_mapping``) sees one consistent table."""
+        self._blocks = [mapping.get(b, b) for b in self._blocks]
+
+    def _child(self, cache_id: int) -> "VirtualKVCache":
+        """A fork's state: copies of the table, hashes and tail (the pool counts the references)."""
+        return VirtualKVCache(self.pool, cache_id, list(self._blocks), self._seq_len, self.max_tokens,
+                              self.num_cached_tokens, None if self._hashes is None else list(self._hashes),
+                              None if self._tail is None else list(self._tail))
+
+    def _drop(self) -> list[int]:
+        """Mark released; returns the blocks it held."""
+        blocks = self._blocks
+        self._released = True
+        self._blocks = []
+        return blocks
 
     # ---------------------------------------------------------------- state
     @property
@@ -138,7 +189,7 @@ class VirtualKVCache:
             raise TypeError(f"key must be a tensor [num_tokens, H, D], got "
                             f"{tuple(key.shape) if isinstance(key, torch.Tensor) else type(key).__name__}")
         pool = self.pool
-        moves = pool._moves
+        moves = pool.moves_lock
         moves.acquire_shared()
         try:
             k_cache, v_cache = pool.kv(layer)
@@ -151,7 +202,7 @@ class VirtualKVCache:
         """Copies of ``(key, value)`` ``[seq_len, H, D]`` of ``layer`` (plain indexing; for checks), taken
         under the pool's moves lock like :meth:`write_kv`."""
         pool = self.pool
-        moves = pool._moves
+        moves = pool.moves_lock
         moves.acquire_shared()
         try:
             k_cache, v_cache = pool.kv(layer)

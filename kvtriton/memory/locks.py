@@ -95,16 +95,24 @@ class MovesLock:
 
 
 class SharedHold:
-    """``with pool.stable_blocks():`` — a shared hold of a MovesLock as a context manager."""
+    """``with pool.stable_blocks():`` — a shared hold of a MovesLock as a context manager. ``check``
+    runs once the hold is taken (e.g. "the pool is open"); if it raises, the hold is let go first.
+    Entering returns ``value``."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_lock", "_check", "_value")
 
-    def __init__(self, lock: MovesLock):
-        self._lock = lock
+    def __init__(self, lock: MovesLock, check=None, value=None):
+        self._lock, self._check, self._value = lock, check, value
 
     def __enter__(self):
         self._lock.acquire_shared()
-        return self
+        if self._check is not None:
+            try:
+                self._check()
+            except BaseException:
+                self._lock.release_shared()
+                raise
+        return self._value
 
     def __exit__(self, *exc):
         self._lock.release_shared()
