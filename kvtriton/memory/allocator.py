@@ -11,7 +11,8 @@ import torch
 from ..errors import AllocatorClosedError, PoolClosedError
 from ..spec import get_spec
 from ..telemetry import Instrumentation
-from .arena import DEFAULT_CHUNK_BYTES, Arena, parse_device
+from ..devices import parse_device
+from .arena import DEFAULT_CHUNK_BYTES, Arena
 from .checks import is_int
 from .pool import CachePool
 

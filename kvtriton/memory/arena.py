@@ -18,29 +18,12 @@ import threading
 import numpy as np
 import torch
 
+from ..devices import parse_device
 from ..errors import ArenaClosedError
 from .checks import is_int
 
 FREE = -1
 DEFAULT_CHUNK_BYTES = 2 << 20
-
-
-def parse_device(device) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a torch.device; ValueError naming the valid forms."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but no CUDA device is available")
-        idx = torch.cuda.current_device() if dev.index is None else dev.index
-        if not 0 <= idx < torch.cuda.device_count():
-            raise ValueError(f"device index must be in [0, {torch.cuda.device_count()}), got {device!r}")
-        dev = torch.device("cuda", idx)
-    return dev
 
 
 def device_free_bytes(device: torch.device) -> int:

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def is_int(v) -> bool:
-    """True for ``int`` and numpy integers; False for ``bool`` (an int subclass) and everything else."""
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+from ..checks import check_int, is_int
 
 
 def check_count(name: str, v, minimum: int = 0, exc=ValueError) -> int:
     """``v`` as an int ``>= minimum``; else ``exc`` naming ``name`` and the range."""
-    if not is_int(v) or v < minimum:
-        raise exc(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
+    return check_int(name, v, minimum, exc=exc)
 
 
 def check_index(name: str, v, lo: int, hi: int, exc=IndexError) -> int:
