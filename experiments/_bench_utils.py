@@ -1,7 +1,9 @@
 """What the benchmark scripts share: percentiles, the device and the machine, and JSON output.
 
 The scripts stay outside the package (they are run from a clone: ``python experiments/<script>.py``,
-which puts this folder on ``sys.path``) and import these helpers instead of keeping copies:
+which puts this folder on ``sys.path``) and import these helpers instead of keeping copies. What the
+library also needs has its home there (``kvtriton.percentiles``, ``kvtriton.devices``) and is imported
+when first called, so that a script can put another ``kvtriton`` on ``sys.path`` before it imports one:
 
 - ``percentiles(values, unit="us", scale=1e-3)``: ``n``, ``mean``, ``min``, ``p50``, ``p95``, ``p99``,
   ``max`` (and ``std``) of a sample, with the unit in each key;
@@ -29,21 +31,12 @@ __all__ = ["percentiles", "resolve_device", "device_name", "cpu_name", "run_head
 def percentiles(values: Iterable[float], *, unit: str = "", scale: float = 1.0,
                 qs: tuple[int, ...] = (50, 95, 99)) -> dict:
     """Summary of a sample (e.g. latencies in ns with ``unit="us", scale=1e-3``): ``n``, ``mean<u>``,
-    ``std<u>`` (sample standard deviation; 0 for one value), ``min<u>``, ``p<q><u>`` for each of ``qs``,
-    ``max<u>``, where ``<u>`` is ``_<unit>`` (nothing without a unit). All 0.0 (``n`` 0) when empty."""
-    import numpy as np
+    ``std<u>`` (sample standard deviation; 0 for one value), ``min<u>``, ``p<q><u>`` for each of ``qs``
+    (linear interpolation), ``max<u>``, where ``<u>`` is ``_<unit>`` (nothing without a unit). All 0.0
+    (``n`` 0) when empty. The library's :func:`kvtriton.percentiles.percentile_summary` with ``spread``."""
+    from kvtriton.percentiles import percentile_summary
 
-    a = np.asarray(list(values), dtype=np.float64) * scale
-    u = f"_{unit}" if unit else ""
-    keys = ["mean", "std", "min", *[f"p{q}" for q in qs], "max"]
-    if a.size == 0:
-        return {"n": 0, **{f"{k}{u}": 0.0 for k in keys}}
-    out = {"n": int(a.size), f"mean{u}": float(a.mean()),
-           f"std{u}": float(a.std(ddof=1)) if a.size > 1 else 0.0, f"min{u}": float(a.min())}
-    for q, v in zip(qs, np.percentile(a, list(qs))):
-        out[f"p{q}{u}"] = float(v)
-    out[f"max{u}"] = float(a.max())
-    return out
+    return percentile_summary(values, qs, unit=unit, scale=scale, spread=True)
 
 
 def resolve_device(spec="auto"):
@@ -55,24 +48,17 @@ def resolve_device(spec="auto"):
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows (``kvtriton.devices``)."""
+    from kvtriton.devices import cpu_name as _cpu_name
+
+    return _cpu_name()
 
 
 def device_name(device) -> str:
-    """The CUDA device's name, or ``cpu (<model>, <N> threads)``."""
-    import torch
+    """The CUDA device's name, or ``cpu (<model>, <N> threads)`` (``kvtriton.devices``)."""
+    from kvtriton.devices import device_name as _device_name
 
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
+    return _device_name(device)
 
 
 def utc_now() -> str:

@@ -31,9 +31,11 @@ Prefill (compute-bound) rows also report achieved TFLOP/s (``extra.tflops``: 4 *
 On CPU (``--device cpu``) the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` and the
 references otherwise; timings are ``time.perf_counter`` medians and only show that the pipeline works.
 
-JSON written with ``--out``::
+JSON written with ``--out`` (the run header of ``_bench_utils.run_header``, but ``device`` is the device's
+name, e.g. ``NVIDIA H200`` or ``cpu (<model>, <N> threads)``)::
 
-    {"device", "date", "torch", "triton", "copy_gbps", "backend", "checks": [...],
+    {"date", "device", "device_name", "cpu", "cpus", "platform", "python", "torch", "triton",
+     "copy_gbps", "backend", "smoke", "quick", "checks": [...], "failed_sections": [...],
      "results": [{"kernel", "case", "bytes", "ms", "gbps", "frac_copy", "baseline", "baseline_ms",
                   "speedup", "target_frac", "target_speedup", "meets_target", "extra": {...}}]}
 
@@ -43,24 +45,19 @@ Exit status 1 when a correctness check fails (the JSON is still written).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kvtriton import ops  # noqa: E402
-from kvtriton.ops import reference as ref  # noqa: E402
-from kvtriton.ops._backend import INTERPRET, use_triton  # noqa: E402
-from kvtriton.ops.attention import _device_sms, decode_launch_config  # noqa: E402
+from _bench_utils import device_name, resolve_device, run_header, write_json
+from kvtriton import ops
+from kvtriton.ops import reference as ref
+from kvtriton.ops._backend import INTERPRET, use_triton
+from kvtriton.ops.attention import _device_sms, decode_launch_config
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -770,40 +767,27 @@ def print_table(results, copy_gbps, device):
                   f"{_fmt(e['vs_sdpa_contiguous'], '.2f'):>7}")
 
 
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--quick", action="store_true", help="fewer and smaller cases")
-    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (for CPU runs of the pipeline)")
     args = ap.parse_args(argv)
 
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda requested but no CUDA device is available")
+    try:
+        dev = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     if dev.type == "cpu" and not args.smoke:
         print("note: CPU run without --smoke; shapes are large for the interpreter", flush=True)
     torch.manual_seed(0)
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:  # pragma: no cover
-        triton_version = None
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    # "device" is the device's name in this file (what the notebook and gpu_check.py group by)
+    header = {**run_header(dev), "device": device_name(dev)}
     backend = ("triton" if dev.type == "cuda" else
                "triton-interpreter" if use_triton(torch.empty(0, device=dev)) else "reference")
-    print(f"bench_kernels on {device_name}, torch {torch.__version__}, triton {triton_version}, backend {backend}"
-          f"{' (interpreter)' if INTERPRET and dev.type == 'cpu' else ''}", flush=True)
+    print(f"bench_kernels on {header['device']}, torch {header['torch']}, triton {header['triton']}, backend "
+          f"{backend}{' (interpreter)' if INTERPRET and dev.type == 'cpu' else ''}", flush=True)
     t_start = time.perf_counter()
     timer = Timer(dev, args.smoke)
 
@@ -876,14 +860,11 @@ def main(argv=None) -> int:
     for r in results:
         r["extra"]["correct"] = r["kernel"] not in unchecked
 
-    print_table(results, copy_gbps, device_name)
+    print_table(results, copy_gbps, header["device"])
     print(f"\n{len(checks) - len(bad)}/{len(checks)} correctness checks passed; "
           f"total {time.perf_counter() - t_start:.0f} s", flush=True)
     report = {
-        "device": device_name,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "torch": torch.__version__,
-        "triton": triton_version,
+        **header,
         "copy_gbps": copy_gbps,
         "backend": backend,
         "smoke": bool(args.smoke),
@@ -893,10 +874,7 @@ def main(argv=None) -> int:
         "results": results,
     }
     if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_jsonable(report), indent=2))
-        print(f"wrote {path}", flush=True)
+        print(f"wrote {write_json(args.out, report)}", flush=True)
     return 1 if (bad or failed_sections) else 0
 
 

@@ -30,19 +30,20 @@
 (e.g. a copy of an earlier commit), so the baseline and the candidate are measured in one run, and
 prints their ratios. Only the public API is used, so any version of the pool can be the baseline.
 
-Prints medians and ratios and names the machine; ``--out`` writes the JSON::
+Prints medians and ratios and names the machine; ``--out`` writes the JSON (after the run header of
+``_bench_utils.run_header``: date, device, device_name, cpu, cpus, platform, python, torch, triton)::
 
-    {"device", "machine", "date", "torch", "results": {"alloc_10mb": {...}, "threads": {...},
-     "batch_blocks": {...}}, "goals": {name: bool}}
+    {..., "machine", "results": {"alloc_10mb": {...}, "threads": {...}, "batch_blocks": {...}},
+     "goals": {name: bool}}
+
+and with ``--stats`` ``{..., "machine", "baseline", "candidate", "ratios", "goals"}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -59,29 +60,17 @@ import kvtriton  # noqa: E402
 from kvtriton import GPUMemoryAllocator, ModelSpec, get_spec  # noqa: E402
 from kvtriton import ops as _ops  # noqa: E402
 
+# The shared helpers import kvtriton when called, and only the candidate calls them: the baseline's child
+# (``--stats-child``, under KVTRITON_SRC) measures and prints raw samples, which the parent summarises.
+from _bench_utils import cpu_name, device_name, percentiles, resolve_device, run_header, write_json  # noqa: E402
+
 MiB = 1 << 20
 
 
 def _machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    name = f"CPU {cpu}"
-    if device.type == "cuda":
-        name = f"{torch.cuda.get_device_name(device)} / {name}"
-    return name
-
-
-def _pct(ns: list[int]) -> dict:
-    a = np.asarray(ns, dtype=np.float64) / 1e3
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {"p50_us": float(p50), "p95_us": float(p95), "p99_us": float(p99), "mean_us": float(a.mean()),
-            "n": int(a.size)}
+    """``CPU <model>``, after the GPU's name on CUDA."""
+    cpu = f"CPU {cpu_name()}"
+    return f"{device_name(device)} / {cpu}" if device.type == "cuda" else cpu
 
 
 def bench_alloc_10mb(device: torch.device, rounds: int, per_round: int) -> dict:
@@ -117,10 +106,11 @@ def bench_alloc_10mb(device: torch.device, rounds: int, per_round: int) -> dict:
                 del x
                 emp.append(t1 - t0)
             sync()
-        r, e = _pct(req), _pct(emp)
+        # n, mean_us, std_us, min_us, p50_us, p95_us, p99_us, max_us of the ns samples
+        r, e = percentiles(req, unit="us", scale=1e-3), percentiles(emp, unit="us", scale=1e-3)
         s = pool.stats()
         return {"bytes": nbytes, "tokens": tokens, "blocks": spec.blocks_for_tokens(tokens),
-                "request": r, "release": _pct(rel), "torch_empty": e,
+                "request": r, "release": percentiles(rel, unit="us", scale=1e-3), "torch_empty": e,
                 "speedup_p50": e["p50_us"] / r["p50_us"], "speedup_p99": e["p99_us"] / r["p99_us"],
                 "pool_stats_latency": {k: s[k] for k in s if k.startswith("alloc_latency")},
                 "leaked_blocks": s["used_blocks"]}
@@ -183,8 +173,8 @@ def bench_batch_blocks(device: torch.device, batch: int, repeats: int) -> dict:
             per_block.append((time.perf_counter_ns() - t0) / batch)
         pool.validate()
         leaked = pool.stats()["used_blocks"]
-    a = np.asarray(per_block)
-    return {"batch": batch, "ns_per_block_median": float(np.median(a)), "ns_per_block_p95": float(np.percentile(a, 95)),
+    p = percentiles(per_block, qs=(50, 95))
+    return {"batch": batch, "ns_per_block_median": p["p50"], "ns_per_block_p95": p["p95"],
             "repeats": repeats, "leaked": int(leaked)}
 
 
@@ -196,8 +186,8 @@ COMPACT_SPEC = ModelSpec(num_layers=1, num_kv_heads=2, head_dim=8, dtype=torch.f
 
 
 def bench_stats(n_caches: int, repeats: int, seed: int = 0) -> dict:
-    """Median ``pool.stats()`` latency with ``n_caches`` live caches; one request/append/release
-    between two timed calls."""
+    """``pool.stats()`` latencies (``ns``, raw: :func:`stats_figures` turns them into the median and p90)
+    with ``n_caches`` live caches; one request/append/release between two timed calls."""
     spec = STATS_SPEC
     rng = np.random.default_rng(seed)
     lens = rng.integers(1, 2 * spec.block_size + 1, n_caches)
@@ -220,8 +210,7 @@ def bench_stats(n_caches: int, repeats: int, seed: int = 0) -> dict:
             s = pool.stats()
             ns.append(time.perf_counter_ns() - t0)
         assert s["live_caches"] == n_caches
-        out = {"caches": n_caches, "repeats": repeats, "median_ms": float(np.median(ns)) / 1e6,
-               "p90_ms": float(np.percentile(ns, 90)) / 1e6, "used_blocks": s["used_blocks"],
+        out = {"caches": n_caches, "repeats": repeats, "ns": ns, "used_blocks": s["used_blocks"],
                "internal_fragmentation": s["internal_fragmentation"]}
         for c in caches:
             c.release()
@@ -288,11 +277,26 @@ def bench_compaction(repeats: int) -> dict:
 
 
 def run_stats_section(repeats: int, sizes=(100, 10_000, 100_000)) -> dict:
+    """The section's measurements, ``stats()`` latencies raw (what the baseline's child prints)."""
     out = {"kvtriton": str(Path(kvtriton.__file__).resolve().parent), "stats": {}}
     for n in sizes:
         out["stats"][str(n)] = bench_stats(n, repeats)
     out["compaction"] = bench_compaction(max(3, repeats // 10))
     return out
+
+
+def stats_figures(section: dict) -> dict:
+    """``section`` with each ``stats()`` sample (``ns``) replaced by its ``median_ms`` and ``p90_ms``."""
+    for n, s in section["stats"].items():
+        row = {}
+        for k, v in s.items():
+            if k == "ns":
+                p = percentiles(v, unit="ms", scale=1e-6, qs=(50, 90))
+                row.update(median_ms=p["p50_ms"], p90_ms=p["p90_ms"])
+            else:
+                row[k] = v
+        section["stats"][n] = row
+    return section
 
 
 def print_stats_section(label: str, r: dict) -> None:
@@ -304,19 +308,20 @@ def print_stats_section(label: str, r: dict) -> None:
           f"{c['capacity_blocks']}-block pool: wall {c['wall_ms_median']:.2f} ms, host {c['host_ms_median']:.2f} ms")
 
 
-def stats_main(args, machine: str) -> int:
+def stats_main(args) -> int:
     if args.stats_child:
         print(json.dumps(run_stats_section(args.stats_repeats)))
         return 0
+    machine = _machine(torch.device("cpu"))
     base = None
     if args.baseline_src:
         env = dict(os.environ, KVTRITON_SRC=str(Path(args.baseline_src).resolve()))
         proc = subprocess.run([sys.executable, __file__, "--stats", "--stats-child",
                                "--stats-repeats", str(args.stats_repeats)],
                               env=env, capture_output=True, text=True, check=True)
-        base = json.loads(proc.stdout.strip().splitlines()[-1])
+        base = stats_figures(json.loads(proc.stdout.strip().splitlines()[-1]))
         print_stats_section("baseline", base)
-    cand = run_stats_section(args.stats_repeats)
+    cand = stats_figures(run_stats_section(args.stats_repeats))
     print_stats_section("candidate", cand)
     ratios = {}
     if base is not None:
@@ -328,17 +333,15 @@ def stats_main(args, machine: str) -> int:
     for k, v in goals.items():
         print(f"  goal {k}: {'met' if v else 'NOT met'}")
     if args.out:
-        Path(args.out).write_text(json.dumps(
-            {"machine": machine, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "torch": torch.__version__,
-             "python": platform.python_version(), "baseline": base, "candidate": cand, "ratios": ratios,
-             "goals": goals}, indent=2))
+        write_json(args.out, {**run_header(), "machine": machine, "baseline": base, "candidate": cand,
+                              "ratios": ratios, "goals": goals})
         print(f"wrote {args.out}")
     return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     ap.add_argument("--out", default=None, help="JSON file to write")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=2000)
@@ -350,10 +353,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stats-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.stats:
-        return stats_main(args, _machine(torch.device("cpu")))
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        return stats_main(args)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     machine = _machine(device)
     print(f"machine: {machine}; torch {torch.__version__}; device {device}")
 
@@ -380,11 +384,10 @@ def main(argv=None) -> int:
     }
     for k, v in goals.items():
         print(f"  goal {k}: {'met' if v else 'NOT met'}")
-    out = {"device": str(device), "machine": machine, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-           "torch": torch.__version__, "python": platform.python_version(),
+    out = {**run_header(device), "machine": machine,
            "results": {"alloc_10mb": a, "threads": t, "batch_blocks": b}, "goals": goals}
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2))
+        write_json(args.out, out)
         print(f"wrote {args.out}")
     return 0
 

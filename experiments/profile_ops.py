@@ -20,22 +20,16 @@ heads, 8 KV heads, head_dim 128, block 16, bf16), prints and writes as JSON:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-
-from bench_kernels import Timer, append_case, attention_case, mixed_case  # noqa: E402
-from kvtriton import ops  # noqa: E402
-from kvtriton.ops import attention as attn_mod  # noqa: E402
-from kvtriton.ops.attention import _device_sms, decode_launch_config  # noqa: E402
+from _bench_utils import resolve_device, run_header, write_json
+from bench_kernels import Timer, append_case, attention_case, mixed_case
+from kvtriton import ops
+from kvtriton.ops import attention as attn_mod
+from kvtriton.ops.attention import _device_sms, decode_launch_config
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -105,20 +99,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--wide", action="store_true", help="sweep split-KV over more (batch, context) shapes")
     ap.add_argument("--cprofile", action="store_true", help="also print a cProfile of eager calls")
-    ap.add_argument("--device", default="cuda", help="cuda, or cpu for the CPU twin (profile_ops_cpu.py)")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda, cuda:N, or cpu for the CPU twin (profile_ops_cpu.py); auto: the GPU if any, else cpu")
     a, rest = ap.parse_known_args(argv)
-    if a.device == "cpu":
+    try:
+        dev = resolve_device(a.device)
+    except ValueError as e:
+        print(f"profile_ops needs a CUDA device: {e}", file=sys.stderr)
+        return 2
+    if dev.type == "cpu":
         import profile_ops_cpu
         return profile_ops_cpu.main((["--out", a.out] if a.out else []) + rest)
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    if not torch.cuda.is_available():
-        print("profile_ops needs a CUDA device", file=sys.stderr)
-        return 2
-    dev = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(dev)   # Triton launches on the current device
     timer = Timer(dev, smoke=False)
-    out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    head = run_header(dev)
+    out = {**head, "device": head["device_name"],   # the GPU's name, as before the shared header
            "append": [], "attention": [], "mixed": [], "plan_run_target_us": PLAN_RUN_TARGET_US}
     print(f"profile_ops on {out['device']}", flush=True)
     for n in (256, 4096):
@@ -227,8 +224,7 @@ def main(argv=None) -> int:
         del arena, kc, vc, q, plan
         torch.cuda.empty_cache()
     if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=2))
-        print(f"wrote {a.out}")
+        print(f"wrote {write_json(a.out, out)}")
     return 0
 
 

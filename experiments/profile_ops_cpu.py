@@ -24,23 +24,17 @@ for non-finite scores. Every baseline is checked to agree with its candidate.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"      # the PyTorch path: the interpreter would time numpy, not the ops
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from _bench_utils import cpu_name, run_header, write_json  # noqa: E402
 from kvtriton import ops  # noqa: E402
 
 TARGETS = {"functional": 3.0, "plan": 2.0}
@@ -223,9 +217,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     if a.smoke:
         a.repeats = min(a.repeats, 5)
-    machine = f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores, {a.threads} thread)"
-    out = {"machine": machine.strip(), "python": platform.python_version(), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    out = {**run_header(torch.device("cpu")),
+           "machine": f"{cpu_name()} ({os.cpu_count()} cores, {a.threads} thread)",
            "repeats": a.repeats, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
            "rows": []}
     print(f"profile_ops_cpu on {out['machine']}, torch {torch.__version__}, {a.repeats} interleaved calls each",
@@ -244,8 +237,7 @@ def main(argv=None) -> int:
     met = sum(r["meets_target"] for r in rows)
     print(f"{met}/{len(rows)} rows within their target ratio", flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=2))
-        print(f"wrote {a.out}")
+        print(f"wrote {write_json(a.out, out)}")
     return 0
 
 

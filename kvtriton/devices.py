@@ -8,13 +8,18 @@
   so the jobs spread over the GPUs.
 
 Both raise ValueError naming the argument, what it was, and the valid values on this machine.
+
+- :func:`device_name` and :func:`cpu_name` name the hardware, for result files and logs.
 """
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
-__all__ = ["parse_device", "resolve_device"]
+__all__ = ["parse_device", "resolve_device", "device_name", "cpu_name"]
 
 
 def _cuda_count() -> int:
@@ -73,3 +78,23 @@ def resolve_device(spec="auto", job_num: int | None = None, *, name: str = "devi
             return torch.device("cpu")
         return torch.device("cuda", job_num % n if job_num is not None else _current_cuda_index())
     return _parse(spec, name, auto=True)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device) -> str:
+    """The CUDA device's name (``torch.cuda.get_device_name``), or ``cpu (<model>, <N> threads)`` with
+    torch's intra-op thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"

@@ -16,6 +16,7 @@ import weakref
 import numpy as np
 
 from ..errors import PoolClosedError
+from ..percentiles import sorted_percentiles, summary_key
 
 COUNTER_KEYS = ("requests", "releases", "forks", "hit_blocks", "miss_blocks", "hit_tokens", "evictions",
                 "cow_copies", "blocks_moved", "grows", "shrinks", "chunks_claimed", "chunks_returned",
@@ -263,7 +264,7 @@ class LatencyWindow:
     percentiles are asked for, the samples that arrived since the last time are drained into a copy of
     the window kept sorted (the samples that fell out of the window removed, the new ones inserted:
     two memory moves of the window and a sort of the new samples), and the percentiles read off it at
-    their ranks; a window that did not change answers from the last result. The values equal
+    their ranks (:func:`kvtriton.percentiles.sorted_percentiles`); a window that did not change answers from the last result. The values equal
     ``np.percentile`` of the window (linear interpolation) and its mean.
     """
 
@@ -328,11 +329,9 @@ class LatencyWindow:
             qs = tuple(qs)
             if not changed and self._last is not None and self._last[0] == qs:
                 return dict(self._last[1])
-            if not self._n:
-                out = {f"p{q}_us": 0.0 for q in qs} | {"mean_us": 0.0}
-            else:
-                out = {f"p{q}_us": v for q, v in zip(qs, sorted_percentiles(self._sorted, qs, 1e3))}
-                out["mean_us"] = self._sum / self._n / 1e3
+            pcts = sorted_percentiles(self._sorted, qs, divisor=1e3) if self._n else [0.0] * len(qs)
+            out = {summary_key(f"p{q}", unit="us"): v for q, v in zip(qs, pcts)}
+            out[summary_key("mean", unit="us")] = self._sum / self._n / 1e3 if self._n else 0.0
             self._last = (qs, out)
             return dict(out)
 
@@ -350,28 +349,6 @@ def _remove_sorted(a: np.ndarray, gone: np.ndarray) -> np.ndarray:
     # The j-th copy of a repeated value sits j places after its first.
     pos += np.arange(gone.size) - np.searchsorted(gone, gone, "left")
     return np.delete(a, pos)
-
-
-def sorted_percentiles(s: np.ndarray, qs, scale: float = 1.0) -> list[float]:
-    """``np.percentile(s / scale, qs)`` (linear interpolation) of a sorted, non-empty ``s``, reading
-    only the two samples around each rank."""
-    n = s.size
-    q = np.true_divide(np.asarray(qs, dtype=np.float64), 100)
-    vi = (n - 1) * q                                 # numpy's virtual index for 'linear'
-    prev = np.floor(vi)
-    gamma = vi - prev
-    prev = prev.astype(np.int64)
-    nxt = prev + 1
-    top = vi >= n - 1
-    prev[top], nxt[top] = n - 1, n - 1
-    low = vi < 0
-    prev[low], nxt[low] = 0, 0
-    a, b = s[prev] / scale, s[nxt] / scale
-    diff = b - a
-    out = a + diff * gamma
-    hi = gamma >= 0.5
-    out[hi] = (b - diff * (1 - gamma))[hi]
-    return [float(v) for v in out]
 
 
 class SharedSnapshot:

@@ -33,6 +33,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..percentiles import percentile_summary
+
 __all__ = ["SUMMARY_KEYS", "TIMESERIES_KEYS", "POOL_KEYS", "REQUEST_KEYS", "MODEL_KEYS", "percentiles",
            "pool_figures", "KernelTimer", "ModelCounters", "StepRecord", "ReplayMetrics"]
 
@@ -65,13 +67,9 @@ MODEL_KEYS = ("requests", "completed", "hit_rate", "prefill_tokens", "decode_tok
 
 
 def percentiles(values: Sequence[float], prefix: str) -> dict:
-    """``{prefix}_mean``, ``_p50``, ``_p95``, ``_p99`` of ``values`` (all 0.0 when empty)."""
-    if not len(values):
-        return {f"{prefix}_mean": 0.0, f"{prefix}_p50": 0.0, f"{prefix}_p95": 0.0, f"{prefix}_p99": 0.0}
-    a = np.asarray(values, dtype=np.float64)
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {f"{prefix}_mean": float(a.mean()), f"{prefix}_p50": float(p50), f"{prefix}_p95": float(p95),
-            f"{prefix}_p99": float(p99)}
+    """``{prefix}_mean``, ``_p50``, ``_p95``, ``_p99`` of ``values`` (all 0.0 when empty; linear
+    interpolation, :func:`kvtriton.percentiles.percentile_summary`)."""
+    return percentile_summary(values, (50, 95, 99), prefix=prefix)
 
 
 def _frac(a: float, b: float) -> float:
