@@ -29,20 +29,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kvtriton import ops  # noqa: E402
-from kvtriton.hf import PagedEngine, load_smollm2  # noqa: E402
+from _bench_utils import cpu_name, device_name, resolve_device, write_json
+from kvtriton import ops
+from kvtriton.hf import PagedEngine, load_smollm2
 
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one sentence.",
@@ -58,10 +53,9 @@ QUESTIONS = [
 
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return device_name(device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads, load average {load:.1f}")
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads, load average {load:.1f}"
 
 
 def until_eos(row, eos):
@@ -88,7 +82,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     backend = "auto" if device.type == "cuda" else "reference"
 
     model, tok = load_smollm2(args.model, dtype=args.dtype, device=device)
@@ -171,7 +165,7 @@ def main(argv=None) -> dict:
           + f"; prefix-hit tokens {st['prefix_hit_tokens']}, prefilled {st['prefill_tokens']}, "
             f"{st['steps']} steps, p50 step {st.get('step_ms_p50', 0):.0f} ms")
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        write_json(args.out, report)
     return report
 
 
