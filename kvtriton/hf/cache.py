@@ -32,6 +32,7 @@ import threading
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..checks import check_int
 from ..errors import PoolExhaustedError
 from ..memory import DEFAULT_CHUNK_BYTES, GPUMemoryAllocator
 from ..spec import ModelSpec
@@ -52,8 +53,7 @@ def make_pool(spec: ModelSpec, device, *, budget_bytes=None, num_blocks=None, po
     if num_blocks is not None:
         if budget_bytes is not None:
             raise ValueError("give budget_bytes or num_blocks, not both")
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        check_int("num_blocks", num_blocks, 1)
         chunk, budget = unit, -(-num_blocks // k0) * unit
     else:
         chunk, budget = unit * max(1, round(DEFAULT_CHUNK_BYTES / unit)), budget_bytes
@@ -63,6 +63,24 @@ def make_pool(spec: ModelSpec, device, *, budget_bytes=None, num_blocks=None, po
     except BaseException:
         alloc.close()
         raise
+
+
+def model_pool(model, layout, *, block_size, pool=None, device=None, budget_bytes=None, num_blocks=None,
+               policy="lru", name="hf"):
+    """``(spec, allocator, pool)`` for ``model``'s attention ``layout``: ``pool`` when given (its block shape
+    and dtype must be the model's), else a new one-pool arena from :func:`make_pool` (``allocator`` is then
+    the caller's to close; None otherwise)."""
+    spec = ModelSpec(layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype, block_size,
+                     num_q_heads=layout.num_q_heads, name=f"hf-{layout.model_type}")
+    if pool is None:
+        dev = torch.device(device) if device is not None else model.device
+        allocator, pool = make_pool(spec, dev, budget_bytes=budget_bytes, num_blocks=num_blocks, policy=policy,
+                                    name=name)
+        return spec, allocator, pool
+    if pool.spec.block_shape != spec.block_shape or pool.spec.dtype != spec.dtype:
+        raise ValueError(f"pool spec {pool.spec.block_shape} {pool.spec.dtype} does not match the model's "
+                         f"{spec.block_shape} {spec.dtype} (layers, K/V, block_size, kv_heads, head_dim)")
+    return spec, None, pool
 
 
 def pool_max_blocks(pool) -> int:
@@ -139,17 +157,9 @@ class PagedCache(Cache):
         register_paged_attention()
         self.layout = layout
         self._config = model.config
-        self.spec = ModelSpec(layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype, block_size,
-                              num_q_heads=layout.num_q_heads, name=f"hf-{layout.model_type}")
-        self._allocator = None
-        if pool is None:
-            dev = torch.device(device) if device is not None else model.device
-            self._allocator, pool = make_pool(self.spec, dev, budget_bytes=budget_bytes, num_blocks=num_blocks,
-                                              policy=policy, name="hf-paged-cache")
-        elif pool.spec.block_shape != self.spec.block_shape or pool.spec.dtype != self.spec.dtype:
-            raise ValueError(f"pool spec {pool.spec.block_shape} {pool.spec.dtype} does not match the model's "
-                             f"{self.spec.block_shape} {self.spec.dtype} (layers, K/V, block_size, kv_heads, "
-                             "head_dim)")
+        self.spec, self._allocator, pool = model_pool(
+            model, layout, block_size=block_size, pool=pool, device=device, budget_bytes=budget_bytes,
+            num_blocks=num_blocks, policy=policy, name="hf-paged-cache")
         self.pool = pool
         self.max_blocks = pool_max_blocks(pool)
         layers = [_PagedLayer(self, i, w is not None) for i, w in enumerate(layout.sliding_windows)]

@@ -36,10 +36,10 @@ from typing import Sequence
 
 import torch
 
+from ..checks import check_int, is_int
 from ..errors import PoolExhaustedError
-from ..spec import ModelSpec
 from .attention import ATTN_IMPLEMENTATION, StepBatch, register_paged_attention, scoped_batch
-from .cache import make_pool, pool_max_blocks
+from .cache import model_pool, pool_max_blocks
 from .support import check_model
 
 __all__ = ["PagedEngine"]
@@ -84,21 +84,13 @@ class PagedEngine:
                  num_blocks: int | None = None, profile: bool = False):
         layout = check_model(model)
         for name, v in (("max_num_seqs", max_num_seqs), ("max_batch_tokens", max_batch_tokens)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            check_int(name, v, 1)
         register_paged_attention()
         self.model = model
         self.layout = layout
-        self.spec = ModelSpec(layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype, block_size,
-                              num_q_heads=layout.num_q_heads, name=f"hf-{layout.model_type}")
-        self._allocator = None
-        if pool is None:
-            dev = torch.device(device) if device is not None else model.device
-            self._allocator, pool = make_pool(self.spec, dev, budget_bytes=budget_bytes, num_blocks=num_blocks,
-                                              policy=policy, name="hf-engine")
-        elif pool.spec.block_shape != self.spec.block_shape or pool.spec.dtype != self.spec.dtype:
-            raise ValueError(f"pool spec {pool.spec.block_shape} {pool.spec.dtype} does not match the model's "
-                             f"{self.spec.block_shape} {self.spec.dtype}")
+        self.spec, self._allocator, pool = model_pool(
+            model, layout, block_size=block_size, pool=pool, device=device, budget_bytes=budget_bytes,
+            num_blocks=num_blocks, policy=policy, name="hf-engine")
         self.pool = pool
         self.device = pool.device
         self.block_size = block_size
@@ -129,8 +121,7 @@ class PagedEngine:
         if do_sample:
             if not (isinstance(temperature, (int, float)) and temperature > 0):
                 raise ValueError(f"temperature must be > 0, got {temperature!r}")
-            if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-                raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+            check_int("top_k", top_k, 1, allow_none=True)
         gen = None
         if do_sample:
             gen = torch.Generator(device=self.device)
@@ -243,8 +234,7 @@ class PagedEngine:
         else:
             news = [max_new_tokens] * n
         for i, m in enumerate(news):
-            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-                raise ValueError(f"max_new_tokens[{i}] must be an int >= 1, got {m!r}")
+            check_int(f"max_new_tokens[{i}]", m, 1)
         vocab = self.layout.vocab_size
         bs = self.block_size
         seqs = []
@@ -258,7 +248,7 @@ class PagedEngine:
                                  f"of length {len(p) if hasattr(p, '__len__') else '?'}")
             ids = []
             for j, t in enumerate(p):
-                if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab and t >= vocab):
+                if not is_int(t) or t < 0 or (vocab and t >= vocab):
                     raise ValueError(f"prompts[{i}][{j}] = {t!r} is not a token id in [0, {vocab})")
                 ids.append(int(t))
             need_tokens = len(ids) + news[i] - 1      # the last new token's K/V is never written

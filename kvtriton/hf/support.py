@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import is_int
+
 __all__ = ["AttentionLayout", "UnsupportedModelError", "check_model"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -122,7 +124,7 @@ def check_model(model_or_config, dtype: torch.dtype | None = None) -> AttentionL
         if kind == "full_attention":
             windows.append(None)
         elif kind == "sliding_attention":
-            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            if not is_int(window) or window < 1:
                 raise _refuse(mt, f"layer {i} is a sliding-window layer with sliding_window={window!r}; the paged "
                               "ops take a window of int >= 1 tokens")
             windows.append(int(window))
@@ -172,6 +174,6 @@ def _is_config(obj) -> bool:
 
 def _int_attr(cfg, mt, name):
     v = getattr(cfg, name, None)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    if not is_int(v) or v < 1:
         raise _refuse(mt, f"config.{name} must be a positive int, got {v!r}")
     return v
