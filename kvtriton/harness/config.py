@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import os
 import re
 import types
@@ -27,9 +28,21 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from kvtriton.checks import is_int, is_number
 from kvtriton.replay import DeviceReplayConfig
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def plain(node) -> Any:
+    """A config node as plain Python (lists become tuples where the library expects ranges)."""
+    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, dict):
+        return {k: plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return tuple(plain(v) for v in node)
+    return node
 
 
 def project_root() -> Path | None:
@@ -292,12 +305,12 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 def _positive_int(key: str, v, allow_none: bool = False) -> None:
     if v is None and allow_none:
         return
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    if not is_int(v) or v < 1:
         raise ConfigError(key, v, "a positive integer" + (" or null" if allow_none else ""))
 
 
 def _positive_float(key: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
+    if not is_number(v) or not v > 0 or not math.isfinite(v):
         raise ConfigError(key, v, "a positive finite number")
 
 
@@ -370,44 +383,79 @@ def validate(cfg: DictConfig, *, check_devices: bool = True, check_workload: boo
     from . import adapters
 
     _check_keys(cfg, RunConfig)
+    _check_model(cfg)
+    _check_pool(cfg)
+    _check_policy(cfg)
+    _check_workload(cfg)
+    _check_replay(cfg)
+    _check_telemetry(cfg)
+    _check_bench(cfg)
+    if check_devices:
+        _check_devices_present(cfg)
+    # the library's arguments, then the workload itself
+    adapters.check_params(cfg)
+    if check_workload and _get(cfg, "task") is Task.replay:
+        adapters.check_capacity(cfg, adapters.build_workload(cfg))
 
-    def get(key):
-        return OmegaConf.select(cfg, key, throw_on_missing=True)
 
-    # model
+def _get(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+def _is_device_replay(cfg: DictConfig) -> bool:
+    return _get(cfg, "task") is Task.replay and _get(cfg, "replay.mode") is ReplayMode.device
+
+
+def _check_model(cfg: DictConfig) -> None:
+    """``model.preset``: a registered preset, or per_request."""
+    from . import adapters
+
     presets = sorted(adapters.model_presets()) + [PER_REQUEST]
-    if get("model.preset") not in presets:
-        raise ConfigError("model.preset", get("model.preset"), f"one of {', '.join(presets)}")
+    if _get(cfg, "model.preset") not in presets:
+        raise ConfigError("model.preset", _get(cfg, "model.preset"), f"one of {', '.join(presets)}")
 
-    # pool
-    cap, budget = get("pool.capacity_blocks"), get("pool.budget_mb")
+
+def _check_pool(cfg: DictConfig) -> None:
+    """``pool.capacity_blocks`` and ``pool.budget_mb``: at least one set, each positive."""
+    cap, budget = _get(cfg, "pool.capacity_blocks"), _get(cfg, "pool.budget_mb")
     if cap is None and budget is None:
         raise ConfigError("pool.capacity_blocks", cap, "a positive integer (or set pool.budget_mb)")
     _positive_int("pool.capacity_blocks", cap, allow_none=budget is not None)
     if budget is not None:
         _positive_float("pool.budget_mb", budget)
 
-    # policy
-    policies = adapters.policy_names()
-    if policies is not None and adapters.canonical_policy(get("policy.name")) is None:
-        raise ConfigError("policy.name", get("policy.name"), f"one of {', '.join(policies)}")
-    device_mode = get("task") is Task.replay and get("replay.mode") is ReplayMode.device
-    if device_mode:
-        offline = adapters.offline_policies()
-        if adapters.canonical_policy(get("policy.name")) in offline:
-            online = [p for p in adapters.policy_names() if adapters.canonical_policy(p) not in offline]
-            raise ConfigError("policy.name", get("policy.name"),
-                              f"a policy the device replay can run ({', '.join(online)}), or replay=fast "
-                              f"(an offline policy needs the trace's future)")
-        if get("model.preset") == PER_REQUEST and budget is None:
-            raise ConfigError("pool.budget_mb", budget, f"a positive number with model.preset={PER_REQUEST} "
-                              "(the shared arena's size; e.g. pool=budget)")
 
-    # workload
+def _check_policy(cfg: DictConfig) -> None:
+    """``policy.name``: registered; on the device replay, an online policy, and with per-request models
+    the shared arena sized by ``pool.budget_mb``."""
+    from . import adapters
+
+    name = _get(cfg, "policy.name")
+    policies = adapters.policy_names()
+    if policies is not None and adapters.canonical_policy(name) is None:
+        raise ConfigError("policy.name", name, f"one of {', '.join(policies)}")
+    if not _is_device_replay(cfg):
+        return
+    offline = adapters.offline_policies()
+    if adapters.canonical_policy(name) in offline:
+        online = [p for p in adapters.policy_names() if adapters.canonical_policy(p) not in offline]
+        raise ConfigError("policy.name", name,
+                          f"a policy the device replay can run ({', '.join(online)}), or replay=fast "
+                          f"(an offline policy needs the trace's future)")
+    budget = _get(cfg, "pool.budget_mb")
+    if _get(cfg, "model.preset") == PER_REQUEST and budget is None:
+        raise ConfigError("pool.budget_mb", budget, f"a positive number with model.preset={PER_REQUEST} "
+                          "(the shared arena's size; e.g. pool=budget)")
+
+
+def _check_workload(cfg: DictConfig) -> None:
+    """``workload.name``: registered; a Mooncake workload's trace file exists."""
+    from . import adapters
+
     workloads = adapters.workload_names()
-    wname = str(get("workload.name")).lower().replace("-", "_")
+    wname = str(_get(cfg, "workload.name")).lower().replace("-", "_")
     if wname not in workloads:
-        raise ConfigError("workload.name", get("workload.name"), f"one of {', '.join(workloads)}")
+        raise ConfigError("workload.name", _get(cfg, "workload.name"), f"one of {', '.join(workloads)}")
     if wname.startswith("mooncake"):
         path = adapters.trace_file(cfg.workload)
         if path is not None and not Path(path).is_file():
@@ -416,50 +464,57 @@ def validate(cfg: DictConfig, *, check_devices: bool = True, check_workload: boo
                               "or $KVTRITON_TRACES; the traces come from github.com/kvcache-ai/Mooncake, "
                               "FAST25-release/traces)")
 
-    # replay: the device knobs by DeviceReplayConfig's own checks (the device's form here, its presence below)
-    dev = str(get("replay.device"))
+
+def _check_replay(cfg: DictConfig) -> None:
+    """The device knobs by ``DeviceReplayConfig``'s own checks (the device's form here, its presence in
+    ``_check_devices_present``), ``replay.repeats``, and the fast replay's capacity."""
+    from . import adapters
+
+    dev = str(_get(cfg, "replay.device"))
     if not _DEVICE_RE.match(dev):
         raise ConfigError("replay.device", dev, "one of auto, cpu, cuda, cuda:N")
     check_knobs(adapters.replay_knobs(cfg))
-    _positive_int("replay.repeats", get("replay.repeats"))
-
-    if get("task") is Task.replay and get("replay.mode") is ReplayMode.fast and cap is None:
+    _positive_int("replay.repeats", _get(cfg, "replay.repeats"))
+    cap = _get(cfg, "pool.capacity_blocks")
+    if _get(cfg, "task") is Task.replay and _get(cfg, "replay.mode") is ReplayMode.fast and cap is None:
         raise ConfigError("pool.capacity_blocks", cap, "a positive integer with replay.mode=fast (pool.budget_mb "
                           "sizes the device replay's arena only)")
 
-    # telemetry
-    if get("telemetry.exporter") == Exporter.otlp:
-        ep = str(get("telemetry.endpoint"))
+
+def _check_telemetry(cfg: DictConfig) -> None:
+    """The OTLP endpoint's form and the export interval."""
+    if _get(cfg, "telemetry.exporter") == Exporter.otlp:
+        ep = str(_get(cfg, "telemetry.endpoint"))
         if not re.match(r"^https?://", ep):
             raise ConfigError("telemetry.endpoint", ep, "an http:// or https:// URL")
-    _positive_int("telemetry.export_interval_ms", get("telemetry.export_interval_ms"))
+    _positive_int("telemetry.export_interval_ms", _get(cfg, "telemetry.export_interval_ms"))
 
-    # bench
-    bdev = str(get("bench.device"))
+
+def _check_bench(cfg: DictConfig) -> None:
+    """``bench.*``, and for a benchmark task its script (and ``--smoke`` where ``bench.smoke`` asks for it)."""
+    from . import adapters
+
+    bdev = str(_get(cfg, "bench.device"))
     if not _DEVICE_RE.match(bdev):
         raise ConfigError("bench.device", bdev, "one of auto, cpu, cuda, cuda:N")
-    _positive_int("bench.timeout_s", get("bench.timeout_s"), allow_none=True)
-    task = get("task")
-    if task is not Task.replay:
-        script = adapters.bench_script(task.value)
-        if not script.is_file():
-            raise ConfigError("task", task.value, "", message=(
-                f"task={task.value} runs the benchmark script {script}, which is not there: the benchmark "
-                f"scripts live in a clone of the project (experiments/); run from one, or set "
-                f"$KVTRITON_EXPERIMENTS to its experiments folder"))
-    if task is not Task.replay and get("bench.smoke"):
-        if not adapters.script_has_flag(script, "--smoke"):
-            raise ConfigError("bench.smoke", True, f"false for task={task.value} ({script.name} has no --smoke; "
-                              "pass smaller sizes in bench.args)")
+    _positive_int("bench.timeout_s", _get(cfg, "bench.timeout_s"), allow_none=True)
+    task = _get(cfg, "task")
+    if task is Task.replay:
+        return
+    script = adapters.bench_script(task.value)
+    if not script.is_file():
+        raise ConfigError("task", task.value, "", message=(
+            f"task={task.value} runs the benchmark script {script}, which is not there: the benchmark "
+            f"scripts live in a clone of the project (experiments/); run from one, or set "
+            f"$KVTRITON_EXPERIMENTS to its experiments folder"))
+    if _get(cfg, "bench.smoke") and not adapters.script_has_flag(script, "--smoke"):
+        raise ConfigError("bench.smoke", True, f"false for task={task.value} ({script.name} has no --smoke; "
+                          "pass smaller sizes in bench.args)")
 
-    # devices this machine must have
-    if check_devices:
-        if device_mode:
-            _check_device("replay.device", dev)
-        if task is not Task.replay:
-            _check_device("bench.device", bdev)
 
-    # the library's arguments, then the workload itself
-    adapters.check_params(cfg)
-    if check_workload and task is Task.replay:
-        adapters.check_capacity(cfg, adapters.build_workload(cfg))
+def _check_devices_present(cfg: DictConfig) -> None:
+    """The CUDA devices the run will use exist on this machine."""
+    if _is_device_replay(cfg):
+        _check_device("replay.device", str(_get(cfg, "replay.device")))
+    if _get(cfg, "task") is not Task.replay:
+        _check_device("bench.device", str(_get(cfg, "bench.device")))

@@ -27,6 +27,8 @@ import struct
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from kvtriton.checks import is_number
+
 # W&B's variables for its directories, and where a run puts them under <dir>/wandb/ unless they are set.
 DIR_VARS = {"WANDB_CACHE_DIR": "cache", "WANDB_DATA_DIR": "data", "WANDB_ARTIFACT_DIR": "artifacts"}
 
@@ -117,7 +119,7 @@ def _log_run(wandb, lcfg, mode, base: Path, *, resolved, name, group, metrics, s
     try:
         if series:
             for i, point in enumerate(series):
-                row = {k: v for k, v in point.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                row = {k: v for k, v in point.items() if is_number(v)}
                 last = int(point.get("step", i))
                 run.log(row, step=last)
             # W&B holds the last step's row until a later step or finish() and then copies it into the

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -56,17 +56,18 @@ from ..spec import ModelSpec, get_spec
 from ..telemetry import Instrumentation
 from .arena import Arena
 from .cache import VirtualKVCache
-from .checks import check_count, check_index, check_pool_invariants, check_request_args, is_int
+from .checks import check_count, check_index, check_pool_invariants, check_request_args
 from .chunk_planner import ChunkGeometry
 from .elastic import ElasticCapacity
 from .locks import MovesLock, SharedHold
 from .pool_stats import COUNTER_KEYS, LatencyWindow, PoolStatistics, TailFill, register_pool_metrics
+from .raw_blocks import RawBlocks
 
 
-class CachePool(ElasticCapacity, PoolStatistics):
+class CachePool(ElasticCapacity, PoolStatistics, RawBlocks):
     """One model's KV blocks: allocation, reference counts, copy-on-write, prefix cache, eviction,
     and elastic growth and shrinking over an :class:`Arena` (:class:`ElasticCapacity`), statistics
-    (:class:`PoolStatistics`).
+    (:class:`PoolStatistics`), blocks held by id without a cache (:class:`RawBlocks`).
 
     Usually created by :meth:`GPUMemoryAllocator.create_pool`. ``policy`` is a registered policy name
     (``kvtriton.policies``) or an :class:`EvictionPolicy` instance; its keys are block hashes, which
@@ -460,44 +461,6 @@ class CachePool(ElasticCapacity, PoolStatistics):
         self._cached[h] = b
         self._hash[b] = h
         self.policy.insert_and_pin(h, 1)
-
-    # ------------------------------------------------------------------ raw block batches
-    def allocate_blocks(self, n: int) -> list[int]:
-        """``n`` blocks held by the caller (by id, reference count 1), without a cache; blocks held this
-        way are never moved by shrink. Give them back with :meth:`free_blocks`."""
-        n = check_count("n", n, 0)
-        with self.lock:
-            self._check_open()
-            self._make_room(n, 0)
-            self._evict_to(n)
-            ids = self._pop_free(n)
-            ref = self._ref
-            for b in ids:
-                ref[b] = 1
-            self._n_used += n
-            self._external.update(ids)
-        return ids
-
-    def free_blocks(self, ids: Iterable[int]) -> None:
-        """Return blocks from :meth:`allocate_blocks`; unknown or already freed ids raise ValueError and
-        free nothing."""
-        ids = list(ids)
-        for i, b in enumerate(ids):
-            if not is_int(b):
-                raise ValueError(f"ids[{i}] must be an int (a block id from allocate_blocks), got {b!r}")
-        ids = [int(b) for b in ids]
-        with self.lock:
-            self._check_open()
-            ext = self._external
-            bad = [b for b in ids if b not in ext]
-            if bad or len(set(ids)) != len(ids):
-                raise ValueError(f"ids must be distinct blocks held from allocate_blocks; not held: {bad[:8]}")
-            ext.difference_update(ids)
-            ref = self._ref
-            for b in ids:
-                ref[b] = 0
-            self._free.extend(ids)
-            self._n_used -= len(ids)
 
     # ------------------------------------------------------------------ free list and eviction
     def _pop_free(self, k: int) -> list[int]:

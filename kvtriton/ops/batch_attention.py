@@ -93,8 +93,42 @@ class _State:
     signature: tuple = ()
 
 
-def _int_arg(name, v, low):
-    return check_int(name, v, low)
+@dataclass
+class _PlanArgs:
+    """``plan``'s arguments, validated: the attention shape and the batch's tables (host copies where read)."""
+
+    hq: int
+    d: int
+    cache_shape: tuple                       # (num_blocks, block_size, num_kv_heads, head_dim)
+    dtype: torch.dtype
+    device: torch.device
+    scale: float
+    window: int
+    num_splits: int | None
+    return_lse: bool
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    batch: int
+    max_blocks: int
+    bt_h: np.ndarray | None                  # host values of block_tables / seq_lens (None: not read)
+    sl_h: np.ndarray | None
+    cu_h: np.ndarray | None                  # int64 host values of cu_seqlens_q (None: decode)
+
+
+@dataclass
+class _PartLayout:
+    """One part's index arrays before they reach the device."""
+
+    kind: str
+    batch: int
+    num_rows: int
+    arrays: list                             # block_tables, seq_lens, [cu_seqlens_q], [q_index], [rows]
+    has_rows: bool
+    has_q_index: bool
+
+    @property
+    def signature(self) -> tuple:
+        return (self.kind, self.batch, self.num_rows, tuple(tuple(a.shape) for a in self.arrays), self.has_rows)
 
 
 class PagedAttentionPlan:
@@ -156,151 +190,35 @@ class PagedAttentionPlan:
         ``debug_checks()`` (one device-to-host copy). Bad input raises ValueError/IndexError naming the
         argument, and leaves the previous plan in place, unchanged.
         """
-        hq = _int_arg("num_q_heads", num_q_heads, 1)
-        hkv = _int_arg("num_kv_heads", num_kv_heads, 1)
-        d = _int_arg("head_dim", head_dim, 1)
-        bs = _int_arg("block_size", block_size, 1)
-        nb = _int_arg("num_blocks", num_blocks, 0)
-        check_attention_shape(hq, hkv, d, bs)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of float16, bfloat16, float32, got {dtype!r}")
-        check_scale_window(scale, sliding_window)
-        check_int("num_splits", num_splits, 1, _MAX_SPLITS, allow_none=True,
-                  allowed=f"an int in [1, {_MAX_SPLITS}] or None")
-        block_tables, seq_lens = as_index(block_tables), as_index(seq_lens)
-        check_index("block_tables", block_tables, ndim=2)
-        check_index("seq_lens", seq_lens, ndim=1)
-        dev = block_tables.device if device is None else torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
-            if t.device.type != "cpu" and t.device != dev:
-                raise ValueError(f"{name} must be on the host or on {dev}, got {t.device}")
-        batch, max_blocks = block_tables.shape
-        if seq_lens.shape[0] != batch:
-            raise ValueError(f"seq_lens must have shape [batch] = [{batch}] (block_tables rows), "
-                             f"got {tuple(seq_lens.shape)}")
-        bt_h, sl_h = _read_tables(block_tables, seq_lens)
-        if bt_h is not None and batch:
-            check_table_values(bt_h, sl_h, block_size=bs, num_blocks=nb)
-        cu_h = None
-        if cu_seqlens_q is not None:
-            cu_seqlens_q = as_index(cu_seqlens_q)
-            check_index("cu_seqlens_q", cu_seqlens_q, ndim=1)
-            if cu_seqlens_q.device.type != "cpu":
-                raise ValueError(f"cu_seqlens_q must be a host (CPU) tensor: plan reads its values to choose the "
-                                 f"launches and size the buffers (as FlashInfer's qo_indptr); got "
-                                 f"{cu_seqlens_q.device}")
-            if cu_seqlens_q.shape[0] != batch + 1:
-                raise ValueError(f"cu_seqlens_q must have shape [batch + 1] = [{batch + 1}] (block_tables rows + "
-                                 f"1), got {tuple(cu_seqlens_q.shape)}")
-            (cu_h,) = host_values(cu_seqlens_q)
-            cu_h = cu_h.astype(np.int64)
-            total = int(cu_h[-1])
-            check_cu_values(cu_h, sl_h.astype(np.int64) if sl_h is not None else None, total)
-        if scale is None:
-            scale = 1.0 / math.sqrt(d)
-        window = 0 if sliding_window is None else int(sliding_window)
-
+        args = _check_plan_args(block_tables, seq_lens, cu_seqlens_q, num_q_heads=num_q_heads,
+                                num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+                                num_blocks=num_blocks, dtype=dtype, device=device, scale=scale,
+                                sliding_window=sliding_window, return_lse=return_lse, num_splits=num_splits)
         # Everything validated: build the new state (the old one stays until the swap at the end).
-        if cu_h is None:
-            mode, num_rows = ("decode" if batch else "empty"), batch
-            parts_spec = [("decode", np.arange(batch), None)] if batch else []
-        else:
-            num_rows = int(cu_h[-1])
-            qlen = cu_h[1:] - cu_h[:-1]
-            one = np.flatnonzero(qlen == 1)
-            many = np.flatnonzero(qlen > 1)
-            if num_rows == 0:
-                mode, parts_spec = "empty", []
-            elif many.size == 0:
-                mode, parts_spec = "decode", [("decode", one, cu_h[one])]
-            elif one.size == 0:
-                mode, parts_spec = "prefill", [("prefill", np.arange(batch), None)]
-            else:
-                mode = "mixed"
-                parts_spec = [("decode", one, cu_h[one]), ("prefill", many, cu_h[many])]
-        sig_parts = []
-        host_arrays = []        # per part: (kind, sequences, rows, index arrays (numpy, or device tensors), ...)
-        for kind, seqs, starts in parts_spec:
-            whole = seqs.shape[0] == batch
-            if bt_h is not None:
-                bt_p = bt_h if whole else bt_h[seqs]
-                sl_p = sl_h if whole else sl_h[seqs]
-            else:                                       # device-resident tables, values never read
-                idx = None if whole else _to_device(seqs, dev)
-                bt_p = block_tables if whole else block_tables.index_select(0, idx)
-                sl_p = seq_lens if whole else seq_lens.index_select(0, idx)
-            arrays = [bt_p, sl_p]
-            # rows: this part's rows of q/out/lse (None: all of them, in order), for the PyTorch path and
-            # torch.compile; q_index: what the kernel needs to find them (None: rows 0.. of this part).
-            if kind == "prefill":
-                if whole:
-                    cu_p, rows, q_index = cu_h, None, None
-                else:
-                    ql = qlen[seqs]
-                    cu_p = np.concatenate([[0], np.cumsum(ql)])
-                    rows = np.repeat(starts - cu_p[:-1], ql) + np.arange(int(cu_p[-1]))
-                    q_index = None if (starts == cu_p[:-1]).all() else starts
-                arrays.append(cu_p)
-                n_rows = int(cu_p[-1])
-            else:
-                n_rows = seqs.shape[0]
-                identity = starts is None or (starts == np.arange(n_rows)).all()
-                rows = None if identity and n_rows == num_rows else (np.arange(n_rows) if starts is None else starts)
-                q_index = None if identity else starts
-            if q_index is not None:
-                arrays.append(q_index)
-            if rows is not None:
-                arrays.append(rows)
-            host_arrays.append((kind, seqs.shape[0], n_rows, arrays, rows is not None, q_index is not None))
-            sig_parts.append((kind, seqs.shape[0], n_rows, tuple(tuple(a.shape) for a in arrays),
-                              rows is not None))
-        q_shape = (num_rows, hq, d)
-        cache_shape = (nb, bs, hkv, d)
-        signature = (mode, batch, max_blocks, q_shape, cache_shape, dtype, dev, float(scale), window,
-                     num_splits, bool(return_lse), tuple(sig_parts))
-
-        flat = [a for (_, _, _, arrays, _, _) in host_arrays for a in arrays]
-        old = self._state
-        if old is not None and old.signature == signature and old.meta is not None and flat:
-            # Same shapes: write the new metadata into the old buffers (captured CUDA graphs stay valid).
-            old.meta.copy_(_pack(flat, dev))
-            for p in old.parts:
-                p.pieces = None
-                if p.rows is not None:
-                    p.rows.copy_(p.rows_packed)
+        mode, num_rows, parts_spec = _choose_kernels(args.cu_h, args.batch)
+        layouts = [_part_layout(args, kind, seqs, starts, num_rows) for kind, seqs, starts in parts_spec]
+        q_shape = (num_rows, args.hq, args.d)
+        signature = (mode, args.batch, args.max_blocks, q_shape, args.cache_shape, args.dtype, args.device,
+                     args.scale, args.window, args.num_splits, args.return_lse,
+                     tuple(lay.signature for lay in layouts))
+        flat = [a for lay in layouts for a in lay.arrays]
+        if self._refill(signature, flat, args.device):
             return self
-
-        meta = _pack(flat, dev) if flat else None
-        views = _views(meta, flat) if flat else []
-        out = torch.empty(q_shape, dtype=dtype, device=dev)
-        lse = torch.empty((num_rows, hq), dtype=torch.float32, device=dev)
-        state = _State(mode, batch, num_rows, q_shape, cache_shape, dtype, dev, float(scale), window, num_splits,
-                       bool(return_lse), out, lse, [], meta, signature)
-        vi = 0
-        probe = torch.empty(0, device=dev)
-        for kind, n_seq, n_rows, arrays, has_rows, has_qi in host_arrays:
-            bt_v, sl_v = views[vi], views[vi + 1]
-            vi += 2
-            cu_v = None
-            if kind == "prefill":
-                cu_v = views[vi]
-                vi += 1
-            qi_v = rows_v = None
-            if has_qi:
-                qi_v = views[vi]
-                vi += 1
-            if has_rows:
-                rows_v = views[vi]
-                vi += 1
-            part = _Part(kind, n_seq, n_rows, bt_v, sl_v, cu_v, None if rows_v is None else rows_v.long(), qi_v,
-                         rows_packed=rows_v)
-            if use_triton(probe):
-                part.launch = _make_launch(state, part)
-            state.parts.append(part)
-        self._state = state
+        self._state = _new_state(args, mode, num_rows, q_shape, signature, layouts, flat)
         return self
+
+    def _refill(self, signature, flat, device) -> bool:
+        """Write the new metadata into the current plan's buffers when the shapes are the same (captured
+        CUDA graphs stay valid); False when a new state is needed."""
+        old = self._state
+        if old is None or old.signature != signature or old.meta is None or not flat:
+            return False
+        old.meta.copy_(_pack(flat, device))
+        for p in old.parts:
+            p.pieces = None
+            if p.rows is not None:
+                p.rows.copy_(p.rows_packed)
+        return True
 
     # ------------------------------------------------------------------------------------------------
     # run
@@ -401,6 +319,167 @@ class PagedAttentionPlan:
                 info["config"] = p.launch.cfg
             res.append(info)
         return res
+
+
+def _check_plan_args(block_tables, seq_lens, cu_seqlens_q, *, num_q_heads, num_kv_heads, head_dim, block_size,
+                     num_blocks, dtype, device, scale, sliding_window, return_lse, num_splits) -> _PlanArgs:
+    """Every check ``plan`` makes, before anything changes: the attention shape, the tables (their values
+    too where they can be read), then ``cu_seqlens_q``."""
+    hq, hkv, d, bs, nb = _check_attention_args(num_q_heads, num_kv_heads, head_dim, block_size, num_blocks,
+                                               dtype, scale, sliding_window, num_splits)
+    block_tables, seq_lens, dev = _check_tables(block_tables, seq_lens, device)
+    batch, max_blocks = block_tables.shape
+    bt_h, sl_h = _read_tables(block_tables, seq_lens)
+    if bt_h is not None and batch:
+        check_table_values(bt_h, sl_h, block_size=bs, num_blocks=nb)
+    cu_h = None if cu_seqlens_q is None else _check_cu_seqlens(cu_seqlens_q, batch, sl_h)
+    return _PlanArgs(hq=hq, d=d, cache_shape=(nb, bs, hkv, d), dtype=dtype, device=dev,
+                     scale=float(1.0 / math.sqrt(d) if scale is None else scale),
+                     window=0 if sliding_window is None else int(sliding_window), num_splits=num_splits,
+                     return_lse=bool(return_lse), block_tables=block_tables, seq_lens=seq_lens, batch=batch,
+                     max_blocks=max_blocks, bt_h=bt_h, sl_h=sl_h, cu_h=cu_h)
+
+
+def _check_attention_args(num_q_heads, num_kv_heads, head_dim, block_size, num_blocks, dtype, scale,
+                          sliding_window, num_splits):
+    """The model's attention shape, dtype, scale, window and split factor; returns ``(hq, hkv, d, bs, nb)``."""
+    hq = check_int("num_q_heads", num_q_heads, 1)
+    hkv = check_int("num_kv_heads", num_kv_heads, 1)
+    d = check_int("head_dim", head_dim, 1)
+    bs = check_int("block_size", block_size, 1)
+    nb = check_int("num_blocks", num_blocks, 0)
+    check_attention_shape(hq, hkv, d, bs)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of float16, bfloat16, float32, got {dtype!r}")
+    check_scale_window(scale, sliding_window)
+    check_int("num_splits", num_splits, 1, _MAX_SPLITS, allow_none=True,
+              allowed=f"an int in [1, {_MAX_SPLITS}] or None")
+    return hq, hkv, d, bs, nb
+
+
+def _check_tables(block_tables, seq_lens, device):
+    """``block_tables`` and ``seq_lens`` as index tensors of matching batch, on the host or on the plan's
+    device; returns them and that device."""
+    block_tables, seq_lens = as_index(block_tables), as_index(seq_lens)
+    check_index("block_tables", block_tables, ndim=2)
+    check_index("seq_lens", seq_lens, ndim=1)
+    dev = block_tables.device if device is None else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
+        if t.device.type != "cpu" and t.device != dev:
+            raise ValueError(f"{name} must be on the host or on {dev}, got {t.device}")
+    batch = block_tables.shape[0]
+    if seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens must have shape [batch] = [{batch}] (block_tables rows), "
+                         f"got {tuple(seq_lens.shape)}")
+    return block_tables, seq_lens, dev
+
+
+def _check_cu_seqlens(cu_seqlens_q, batch, sl_h) -> np.ndarray:
+    """``cu_seqlens_q``'s values as int64 host array, checked against the lengths where they were read."""
+    cu_seqlens_q = as_index(cu_seqlens_q)
+    check_index("cu_seqlens_q", cu_seqlens_q, ndim=1)
+    if cu_seqlens_q.device.type != "cpu":
+        raise ValueError(f"cu_seqlens_q must be a host (CPU) tensor: plan reads its values to choose the "
+                         f"launches and size the buffers (as FlashInfer's qo_indptr); got "
+                         f"{cu_seqlens_q.device}")
+    if cu_seqlens_q.shape[0] != batch + 1:
+        raise ValueError(f"cu_seqlens_q must have shape [batch + 1] = [{batch + 1}] (block_tables rows + "
+                         f"1), got {tuple(cu_seqlens_q.shape)}")
+    (cu_h,) = host_values(cu_seqlens_q)
+    cu_h = cu_h.astype(np.int64)
+    check_cu_values(cu_h, sl_h.astype(np.int64) if sl_h is not None else None, int(cu_h[-1]))
+    return cu_h
+
+
+def _choose_kernels(cu_h, batch):
+    """``(mode, num_rows, parts)``: each part a ``(kind, sequences, q start rows or None)`` launch."""
+    if cu_h is None:
+        return ("decode" if batch else "empty"), batch, ([("decode", np.arange(batch), None)] if batch else [])
+    num_rows = int(cu_h[-1])
+    qlen = cu_h[1:] - cu_h[:-1]
+    one = np.flatnonzero(qlen == 1)
+    many = np.flatnonzero(qlen > 1)
+    if num_rows == 0:
+        return "empty", num_rows, []
+    if many.size == 0:
+        return "decode", num_rows, [("decode", one, cu_h[one])]
+    if one.size == 0:
+        return "prefill", num_rows, [("prefill", np.arange(batch), None)]
+    return "mixed", num_rows, [("decode", one, cu_h[one]), ("prefill", many, cu_h[many])]
+
+
+def _part_layout(args: _PlanArgs, kind, seqs, starts, num_rows) -> _PartLayout:
+    """One part's index arrays: its block tables and lengths, then (prefill) its ``cu_seqlens_q``, then
+    ``q_index`` (what the kernel needs to find its rows; absent: rows 0.. of the part) and ``rows`` (its
+    rows of q/out/lse for the PyTorch path and torch.compile; absent: all of them, in order)."""
+    whole = seqs.shape[0] == args.batch
+    arrays = list(_part_tables(args, seqs, whole))
+    if kind == "prefill":
+        cu_p, rows, q_index = _prefill_rows(args.cu_h, seqs, starts, whole)
+        arrays.append(cu_p)
+        n_rows = int(cu_p[-1])
+    else:
+        n_rows = seqs.shape[0]
+        rows, q_index = _decode_rows(starts, n_rows, num_rows)
+    if q_index is not None:
+        arrays.append(q_index)
+    if rows is not None:
+        arrays.append(rows)
+    return _PartLayout(kind, seqs.shape[0], n_rows, arrays, rows is not None, q_index is not None)
+
+
+def _part_tables(args: _PlanArgs, seqs, whole):
+    """The part's block-table rows and lengths: host arrays, or device tensors whose values are never read."""
+    if args.bt_h is not None:
+        return (args.bt_h, args.sl_h) if whole else (args.bt_h[seqs], args.sl_h[seqs])
+    if whole:
+        return args.block_tables, args.seq_lens
+    idx = _to_device(seqs, args.device)
+    return args.block_tables.index_select(0, idx), args.seq_lens.index_select(0, idx)
+
+
+def _prefill_rows(cu_h, seqs, starts, whole):
+    """A prefill part's ``(cu_seqlens_q, rows, q_start)``, its chunks packed in order."""
+    if whole:
+        return cu_h, None, None
+    ql = (cu_h[1:] - cu_h[:-1])[seqs]
+    cu_p = np.concatenate([[0], np.cumsum(ql)])
+    rows = np.repeat(starts - cu_p[:-1], ql) + np.arange(int(cu_p[-1]))
+    q_index = None if (starts == cu_p[:-1]).all() else starts
+    return cu_p, rows, q_index
+
+
+def _decode_rows(starts, n_rows, num_rows):
+    """A decode part's ``(rows, q_rows)``: None where its rows are the plan's rows 0.. in order."""
+    identity = starts is None or (starts == np.arange(n_rows)).all()
+    rows = None if identity and n_rows == num_rows else (np.arange(n_rows) if starts is None else starts)
+    return rows, (None if identity else starts)
+
+
+def _new_state(args: _PlanArgs, mode, num_rows, q_shape, signature, layouts, flat) -> _State:
+    """Fresh device buffers for the plan: one metadata buffer (viewed by every part), ``out`` and ``lse``,
+    and each part's kernel launch where the Triton kernels run."""
+    dev = args.device
+    meta = _pack(flat, dev) if flat else None
+    views = iter(_views(meta, flat) if flat else [])
+    out = torch.empty(q_shape, dtype=args.dtype, device=dev)
+    lse = torch.empty((num_rows, args.hq), dtype=torch.float32, device=dev)
+    state = _State(mode, args.batch, num_rows, q_shape, args.cache_shape, args.dtype, dev, args.scale,
+                   args.window, args.num_splits, args.return_lse, out, lse, [], meta, signature)
+    probe = torch.empty(0, device=dev)
+    for lay in layouts:
+        bt_v, sl_v = next(views), next(views)
+        cu_v = next(views) if lay.kind == "prefill" else None
+        qi_v = next(views) if lay.has_q_index else None
+        rows_v = next(views) if lay.has_rows else None
+        part = _Part(lay.kind, lay.batch, lay.num_rows, bt_v, sl_v, cu_v, None if rows_v is None else rows_v.long(),
+                     qi_v, rows_packed=rows_v)
+        if use_triton(probe):
+            part.launch = _make_launch(state, part)
+        state.parts.append(part)
+    return state
 
 
 def _read_tables(block_tables, seq_lens):

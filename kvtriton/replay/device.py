@@ -103,7 +103,7 @@ from .sequences import prepare_sequences, resolve_models
 __all__ = ["DeviceReplayConfig", "DeviceReplayResult", "replay_device", "resolve_device", "SUMMARY_KEYS",
            "TIMESERIES_KEYS", "REQUEST_KEYS"]
 
-# the Hydra harness (kvtriton/harness/adapters.py) checks a workload against these before a run
+# the Hydra harness (kvtriton/harness/param_checks.py) checks a workload against these before a run
 _resolve_models = resolve_models
 _prepare = prepare_sequences
 

@@ -1,0 +1,112 @@
+"""The workload a config names, built once per process: the generator's arguments from ``workload.*`` and
+``replay.max_requests``, the Mooncake trace file, and library errors mapped to the config key at fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .config import ConfigError, plain
+from kvtriton.workloads.paths import MOONCAKE_FILES, mooncake_trace_path
+
+
+def trace_file(wcfg) -> Path | None:
+    """The trace file a Mooncake workload reads (None for synthetic workloads)."""
+    name = str(wcfg.name).lower().replace("-", "_")
+    if name not in MOONCAKE_FILES:
+        return None
+    if wcfg.trace_path:
+        return Path(str(wcfg.trace_path))
+    return mooncake_trace_path(name, str(wcfg.traces_dir) if wcfg.traces_dir else None)
+
+
+def _workload_kwargs(cfg: DictConfig) -> tuple[str, dict]:
+    name = str(cfg.workload.name).lower().replace("-", "_")
+    params = dict(plain(cfg.workload.params) or {})
+    limit = cfg.replay.max_requests
+    if name in MOONCAKE_FILES:
+        params = dict(params, path=str(trace_file(cfg.workload)))
+        if limit is not None:
+            params["limit"] = int(limit)
+    else:
+        params.setdefault("seed", int(cfg.workload.seed))
+        if limit is not None and isinstance(params.get("num_requests"), int):  # generate no more than is replayed
+            params["num_requests"] = min(int(params["num_requests"]), int(limit))
+    return name, params
+
+
+# The last few workloads built, with their build times, so that the checks and the run of one process
+# (and the jobs of a sweep in one process) build each workload once.
+_WORKLOADS: "OrderedDict[str, tuple[list, float]]" = OrderedDict()
+_WORKLOADS_KEPT = 4
+
+
+def _workload_key(name: str, kwargs: dict, limit) -> str:
+    stamp = None
+    if "path" in kwargs:
+        try:
+            st = os.stat(kwargs["path"])
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
+    return json.dumps([name, kwargs, limit, stamp], sort_keys=True, default=str)
+
+
+def build_workload(cfg: DictConfig) -> list:
+    """The request list of ``cfg.workload``, cut to ``cfg.replay.max_requests``.
+
+    A bad parameter raises ``ConfigError`` naming ``workload.params.<key>`` (the generator's own check)."""
+    from kvtriton.workloads import make_workload
+
+    name, kwargs = _workload_kwargs(cfg)
+    limit = cfg.replay.max_requests
+    key = _workload_key(name, kwargs, limit)
+    if key in _WORKLOADS:
+        _WORKLOADS.move_to_end(key)
+        return list(_WORKLOADS[key][0])
+    t0 = time.perf_counter()
+    try:
+        reqs = make_workload(name, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise _workload_error(cfg, name, kwargs, e) from e
+    except OSError as e:
+        raise ConfigError("workload.trace_path", kwargs.get("path"), f"a readable Mooncake JSONL file ({e})") from e
+    reqs = reqs[:limit] if limit is not None else list(reqs)
+    if not reqs:
+        raise ConfigError("workload.params", plain(cfg.workload.params), f"parameters that give at least one "
+                          f"request (workload {name!r} produced none)")
+    _WORKLOADS[key] = (reqs, time.perf_counter() - t0)
+    while len(_WORKLOADS) > _WORKLOADS_KEPT:
+        _WORKLOADS.popitem(last=False)
+    return list(reqs)
+
+
+def workload_build_seconds(cfg: DictConfig) -> float | None:
+    """How long building ``cfg``'s workload took (it is built once per process; see ``build_workload``)."""
+    name, kwargs = _workload_kwargs(cfg)
+    entry = _WORKLOADS.get(_workload_key(name, kwargs, cfg.replay.max_requests))
+    return entry[1] if entry is not None else None
+
+
+def _lead_name(message: str, names) -> str | None:
+    """The argument a library error message is about (``"num_requests must be ..."``), if it names one."""
+    m = re.match(r"\s*(?:config\.)?([A-Za-z_][A-Za-z0-9_]*)\b", str(message))
+    return m.group(1) if m and m.group(1) in names else None
+
+
+def _workload_error(cfg, name: str, kwargs: dict, e: Exception) -> ConfigError:
+    user = plain(cfg.workload.params) or {}
+    arg = _lead_name(e, kwargs)
+    if arg == "path":
+        return ConfigError("workload.trace_path", kwargs.get("path"), f"a valid Mooncake JSONL file ({e})")
+    if arg == "seed" and "seed" not in user:
+        return ConfigError("workload.seed", cfg.workload.seed, str(e))
+    if arg is not None:
+        return ConfigError(f"workload.params.{arg}", kwargs.get(arg), f"a value workload {name!r} accepts ({e})")
+    return ConfigError("workload.params", user, f"parameters workload {name!r} accepts ({e})")
