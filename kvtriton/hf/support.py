@@ -76,7 +76,18 @@ def check_model(model_or_config, dtype: torch.dtype | None = None) -> AttentionL
     cfg = _text_config(config)
     mt = str(getattr(cfg, "model_type", None) or getattr(config, "model_type", "?"))
 
-    # --- attention variants the ops cannot compute -----------------------------------------------
+    _refuse_variants(cfg, mt)
+    num_layers, hq, hkv, head_dim = _head_geometry(cfg, mt)
+    windows = _layer_windows(cfg, mt, num_layers)
+    dtype = _layout_dtype(model, cfg, mt, dtype)
+    if model is not None:
+        _check_instance(model, mt, num_layers)
+    return AttentionLayout(num_layers, hq, hkv, head_dim, dtype, tuple(windows),
+                           int(getattr(cfg, "vocab_size", 0) or 0), mt)
+
+
+def _refuse_variants(cfg, mt: str) -> None:
+    """Attention variants the ops cannot compute: UnsupportedModelError naming the first one found."""
     for attr, what in (("kv_lora_rank", "multi-latent attention (MLA: K/V compressed to a latent of rank "
                                         "kv_lora_rank={v}); the paged cache holds per-head K and V"),
                        ("attn_logit_softcapping", "attention logit soft-capping (attn_logit_softcapping={v})"),
@@ -91,6 +102,9 @@ def check_model(model_or_config, dtype: torch.dtype | None = None) -> AttentionL
     if getattr(cfg, "position_embedding_type", None) == "alibi" or getattr(cfg, "alibi", False):
         raise _refuse(mt, "ALiBi position biases (added to the attention scores)")
 
+
+def _head_geometry(cfg, mt: str) -> tuple[int, int, int, int]:
+    """``(num_layers, num_q_heads, num_kv_heads, head_dim)``, refusing what the ops cannot take."""
     num_layers = _int_attr(cfg, mt, "num_hidden_layers")
     hq = _int_attr(cfg, mt, "num_attention_heads")
     hkv = getattr(cfg, "num_key_value_heads", None)
@@ -110,8 +124,11 @@ def check_model(model_or_config, dtype: torch.dtype | None = None) -> AttentionL
         raise _refuse(mt, f"num_attention_heads={hq} is not a multiple of num_key_value_heads={hkv}")
     if hq // hkv > 128:
         raise _refuse(mt, f"a GQA group of {hq // hkv} query heads per K/V head; the paged ops take at most 128")
+    return num_layers, hq, hkv, head_dim
 
-    # --- per-layer attention types ---------------------------------------------------------------
+
+def _layer_windows(cfg, mt: str, num_layers: int) -> list:
+    """Each layer's sliding window (None: full attention), refusing other layer types."""
     layer_types = getattr(cfg, "layer_types", None)
     window = getattr(cfg, "sliding_window", None)
     if layer_types is None:
@@ -133,8 +150,12 @@ def check_model(model_or_config, dtype: torch.dtype | None = None) -> AttentionL
             idx = [j for j, t in enumerate(layer_types) if t in bad]
             raise _refuse(mt, f"layers {idx[:8]}{'...' if len(idx) > 8 else ''} are of type {bad}; only "
                           "'full_attention' and 'sliding_attention' layers can run on the paged cache")
+    return windows
 
-    # --- the model instance: dtype, dispatch through AttentionInterface, per-module extras -------
+
+def _layout_dtype(model, cfg, mt: str, dtype):
+    """The dtype the paged cache holds: ``dtype``, else the model's (a config's ``dtype``/``torch_dtype``),
+    else float32; refused unless float32, float16 or bfloat16."""
     if dtype is None:
         if model is not None:
             dtype = getattr(model, "dtype", None)
@@ -145,23 +166,26 @@ def check_model(model_or_config, dtype: torch.dtype | None = None) -> AttentionL
         dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
     if dtype not in _DTYPES:
         raise _refuse(mt, f"dtype {dtype}; the paged ops take float32, float16 or bfloat16")
-    if model is not None:
-        if not getattr(model, "_supports_attention_backend", False):
-            raise _refuse(mt, f"{type(model).__name__} does not dispatch its attention through transformers' "
-                          "AttentionInterface (_supports_attention_backend is False)")
-        seen = set()
-        for name, mod in model.named_modules():
-            if getattr(mod, "sinks", None) is not None and isinstance(getattr(mod, "sinks"), torch.Tensor):
-                raise _refuse(mt, f"attention sinks ({name}.sinks: a learned logit added to every softmax)")
-            if type(mod).__name__.endswith("Attention") and hasattr(mod, "layer_idx"):
-                li = getattr(mod, "layer_idx")
-                if isinstance(li, int) and 0 <= li < num_layers:
-                    seen.add(li)
-        if len(seen) != num_layers:
-            raise _refuse(mt, f"found attention modules with a layer_idx for {len(seen)} of the {num_layers} layers "
-                          "(the paged cache is indexed by module.layer_idx)")
-    return AttentionLayout(num_layers, hq, hkv, head_dim, dtype, tuple(windows),
-                           int(getattr(cfg, "vocab_size", 0) or 0), mt)
+    return dtype
+
+
+def _check_instance(model, mt: str, num_layers: int) -> None:
+    """A model instance dispatches attention through AttentionInterface, has no attention sinks, and has
+    one attention module with a ``layer_idx`` per layer."""
+    if not getattr(model, "_supports_attention_backend", False):
+        raise _refuse(mt, f"{type(model).__name__} does not dispatch its attention through transformers' "
+                      "AttentionInterface (_supports_attention_backend is False)")
+    seen = set()
+    for name, mod in model.named_modules():
+        if getattr(mod, "sinks", None) is not None and isinstance(getattr(mod, "sinks"), torch.Tensor):
+            raise _refuse(mt, f"attention sinks ({name}.sinks: a learned logit added to every softmax)")
+        if type(mod).__name__.endswith("Attention") and hasattr(mod, "layer_idx"):
+            li = getattr(mod, "layer_idx")
+            if isinstance(li, int) and 0 <= li < num_layers:
+                seen.add(li)
+    if len(seen) != num_layers:
+        raise _refuse(mt, f"found attention modules with a layer_idx for {len(seen)} of the {num_layers} layers "
+                      "(the paged cache is indexed by module.layer_idx)")
 
 
 def _is_config(obj) -> bool:
