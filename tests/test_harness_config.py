@@ -70,7 +70,7 @@ def _other_value(f: dataclasses.Field, hint):
     if kind is float:
         return d / 2 if d else 0.25
     if kind is str:
-        for cand in ("cpu", "bfloat16", "x"):
+        for cand in ("cpu", "bfloat16", "model", "random:tiny", "x"):
             try:
                 DeviceReplayConfig(**{f.name: cand}).validate()
             except ValueError:

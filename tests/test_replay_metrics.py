@@ -40,7 +40,8 @@ def test_columns_are_the_ones_readers_use():
                             "hit_blocks", "queueing_delay_s", "ttft_s", "prefill_attention_s", "finished_s",
                             "preemptions")
     assert MODEL_KEYS == ("requests", "completed", "hit_rate", "prefill_tokens", "decode_tokens", "preemptions")
-    assert len(SUMMARY_KEYS) == len(set(SUMMARY_KEYS)) == 57
+    assert len(SUMMARY_KEYS) == len(set(SUMMARY_KEYS)) == 58
+    assert SUMMARY_KEYS[-1] == "compute"
     assert {"hit_rate", "token_hit_rate", "ttft_s_p99", "decode_tokens_per_s", "step_memory_frac",
             "external_fragmentation_max", "chunks_returned", "prefill_kernel_s", "prefill_model_s",
             "prefill_attention_s", "prefill_attention_s_mean", "prefill_attention_s_p99"} <= set(SUMMARY_KEYS)

@@ -54,6 +54,12 @@ class _Seq:
     generated: list = field(default_factory=list)
     cache: object = None          # VirtualKVCache while running
     preemptions: int = 0
+    hit_tokens: int | None = None  # prefix-cache hit of the first admission
+    # serve(): simulated-clock times in seconds
+    arrival: float = 0.0
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
 
 def _ns() -> int:
@@ -149,6 +155,78 @@ class PagedEngine:
                 model.set_attn_implementation(old_impl)
             self._stats["total_ns"] += _ns() - t_start
         return outputs
+
+    def serve(self, prompts: Sequence[Sequence[int]], max_new_tokens, arrivals: Sequence[float], *,
+              eos_token_id=None, ignore_eos: bool = True, on_step=None) -> list[dict]:
+        """Serve requests that arrive over time, on a simulated clock; returns a record per request.
+
+        Request ``i`` (``prompts[i]``, ``max_new_tokens[i]`` or an int for all) joins the queue when the clock
+        reaches ``arrivals[i]`` (seconds, >= 0). The clock starts at 0, advances by each step's measured wall
+        time, and jumps to the next arrival when nothing runs; so queueing, time to first token and step times
+        are the model's real ones. Greedy decoding; ``ignore_eos`` (default) generates exactly
+        ``max_new_tokens`` (a trace's output length). ``on_step``: called after every step with ``{step, time_s,
+        step_s, seqs, tokens, prefill_tokens, running, waiting, finished}``.
+
+        Each record (in request order): ``tokens`` (the new token ids), ``arrival_s``, ``admitted_s`` (first
+        admission), ``first_token_s``, ``finished_s``, ``prompt_tokens``, ``hit_tokens`` (prefix-cache hit
+        at the first admission), ``preemptions``. Inputs are checked as :meth:`generate` checks them.
+        """
+        if self._closed:
+            raise RuntimeError("this PagedEngine is closed")
+        seqs = self._validate(prompts, max_new_tokens)
+        if isinstance(arrivals, torch.Tensor) or len(arrivals) != len(seqs):
+            raise ValueError(f"arrivals must be a list of {len(seqs)} arrival times (one per prompt)")
+        for i, a in enumerate(arrivals):
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0 <= a < float("inf")):
+                raise ValueError(f"arrivals[{i}] = {a!r} is not a finite time >= 0 (seconds)")
+            seqs[i].arrival = float(a)
+        eos = set() if ignore_eos else self._eos_set(eos_token_id)
+        outputs: list = [None] * len(seqs)
+        pending = deque(sorted(seqs, key=lambda q: (q.arrival, q.rid)))
+        self._waiting = deque()
+        self._running = []
+        self._stats["requests"] += len(seqs)
+        self._stats["prompt_tokens"] += sum(s.prompt_len for s in seqs)
+        model = self.model
+        old_impl = model.config._attn_implementation
+        now, done = 0.0, 0
+        t_start = _ns()
+        try:
+            if old_impl != ATTN_IMPLEMENTATION:
+                model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            with torch.inference_mode():
+                while pending or self._waiting or self._running:
+                    while pending and pending[0].arrival <= now:
+                        self._waiting.append(pending.popleft())
+                    if not self._waiting and not self._running:
+                        now = pending[0].arrival
+                        continue
+                    active = list(self._running) + list(self._waiting)
+                    self._step(outputs, eos, (False, 1.0, None, None))
+                    start, now = now, now + self._step_ns[-1] / 1e9
+                    for q in active:
+                        if q.admitted_at is None and q.hit_tokens is not None:
+                            q.admitted_at = start
+                        if q.first_token_at is None and q.generated:
+                            q.first_token_at = now
+                        if q.finished_at is None and outputs[q.rid] is not None:
+                            q.finished_at = now
+                            done += 1
+                    if on_step is not None:
+                        _, b, t, p, queued = self._step_log[-1]
+                        on_step(dict(step=len(self._step_ns), time_s=now, step_s=self._step_ns[-1] / 1e9, seqs=b,
+                                     tokens=t, prefill_tokens=p, running=len(self._running),
+                                     waiting=len(self._waiting), finished=done))
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            if old_impl != ATTN_IMPLEMENTATION:
+                model.set_attn_implementation(old_impl)
+            self._stats["total_ns"] += _ns() - t_start
+        return [dict(tokens=outputs[q.rid], arrival_s=q.arrival, admitted_s=q.admitted_at,
+                     first_token_s=q.first_token_at, finished_s=q.finished_at, prompt_tokens=q.prompt_len,
+                     hit_tokens=q.hit_tokens, preemptions=q.preemptions) for q in seqs]
 
     def stats(self) -> dict:
         """Counters and timings since construction (or :meth:`reset_stats`), plus the pool's.
@@ -328,6 +406,8 @@ class PagedEngine:
             st["prefill_tokens"] += n - start
             st["prefix_hit_tokens"] += start
             st["prefix_hit_requests"] += hit > 0
+            if seq.hit_tokens is None:
+                seq.hit_tokens = hit
             if seq.preemptions:
                 st["recomputed_tokens"] += n - start
         self._stats["max_running"] = max(self._stats["max_running"], len(running))

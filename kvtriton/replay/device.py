@@ -124,10 +124,22 @@ def replay_device(requests: Sequence[Request], model="tiny", policy: str = "lru"
     installed). ``on_step``: called with each recorded time-series row. Returns a
     ``DeviceReplayResult`` (``summary`` keys: ``SUMMARY_KEYS``, plus ``<model>.<key>`` per model when
     there are several). Every argument is checked before any device memory is touched.
+
+    ``config.compute="model"`` runs ``config.hf_model``'s forward passes instead of the cost model
+    (:func:`kvtriton.replay.model_replay.replay_model`; ``model`` is then only the harness's shape, unused).
+    The summary's ``compute`` says which ran.
     """
     from ..memory import GPUMemoryAllocator  # the memory package imports ops; keep replay import light
 
     cfg = _check_config(config)
+    if cfg.compute == "model":  # the model's forward passes (kvtriton.replay.model_replay)
+        from .model_replay import replay_model
+
+        if model is not None and not isinstance(model, str) and not hasattr(model, "num_layers"):
+            raise ValueError("compute='model' serves one model (config.hf_model); model must be one shape, "
+                             f"got {type(model).__name__}")
+        return replay_model(requests, _check_policy(policy, policy_kwargs), capacity_blocks=capacity_blocks,
+                            budget_bytes=budget_bytes, config=cfg, policy_kwargs=policy_kwargs, on_step=on_step)
     specs, by_request = _model_specs(model, requests, cfg)
     policy_name = _check_policy(policy, policy_kwargs)
     device = resolve_device(cfg.device, name="config.device")

@@ -14,7 +14,11 @@ from dataclasses import MISSING, dataclass, field, fields
 from ..devices import resolve_device
 from ..spec import parse_dtype
 
-__all__ = ["DeviceReplayConfig", "DeviceReplayResult"]
+__all__ = ["DeviceReplayConfig", "DeviceReplayResult", "COMPUTE_MODES"]
+
+# "cost_model": synthetic K/V and the measured attention kernels, projections and MLP a cost model (fast policy
+# studies); "model": a transformers model's forward passes through kvtriton.hf.PagedEngine (kvtriton.replay.model_replay)
+COMPUTE_MODES = ("cost_model", "model")
 
 
 # ------------------------------------------------------------------------------------ field checks
@@ -82,6 +86,24 @@ def _device(v):
     return None
 
 
+def _compute(v):
+    return None if v in COMPUTE_MODES else " or ".join(repr(m) for m in COMPUTE_MODES)
+
+
+def _hf_model(v):
+    from pathlib import Path
+
+    from ..spec import PRESETS
+
+    allowed = (f"'smollm2', 'random:<preset>' ({', '.join(sorted(PRESETS))}) or an existing local model "
+               "directory or .gguf file")
+    if not isinstance(v, str) or not v:
+        return allowed
+    if v == "smollm2" or (v.startswith("random:") and v[len("random:"):] in PRESETS):
+        return None
+    return None if Path(v).expanduser().exists() else allowed
+
+
 def _knob(default, check, doc: str):
     """A config field: its default, its check and its one-line description."""
     return field(default=default, metadata={"check": check, "doc": doc})
@@ -94,6 +116,12 @@ class DeviceReplayConfig:
     """Knobs of ``replay_device``. Scale-down knobs first; sizes are positive, or None for no limit."""
 
     device: str = _knob("auto", _device, "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+    compute: str = _knob("cost_model", _compute,
+                         "'cost_model': synthetic K/V, measured attention, modelled projections and MLP; 'model': "
+                         "the hf_model's forward passes (measured TTFT and step times)")
+    hf_model: str = _knob("smollm2", _hf_model,
+                          "compute=model: 'smollm2', 'random:<preset>' (random weights of that shape, no download) "
+                          "or a local model path")
     max_requests: int | None = _knob(None, _positive_int_or_none, "replay only the first N requests")
     time_compression: float = _knob(1.0, _positive_real, "requests arrive at arrival_s / time_compression")
     ignore_arrivals: bool = _knob(False, _flag, "every request arrives at time 0")

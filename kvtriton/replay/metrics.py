@@ -19,7 +19,8 @@ time of the steps that decoded), ``step_{kernel,memory,other}_s`` and their ``_f
 ``prefill_kernel_s`` (measured prefill kernels: ``append_kv`` and ``paged_prefill_attention``, recomputation
 included), ``prefill_attention_s`` (its ``paged_prefill_attention`` part), ``prefill_model_s`` (the cost
 model's projections and MLP), ``compactions``/``compaction_s``/``blocks_moved``/``chunks_returned``, and
-``utilization_*``/``external_fragmentation_*`` (mean and max over the time series). ``timeseries`` has a
+``utilization_*``/``external_fragmentation_*`` (mean and max over the time series), and ``compute``
+(``"cost_model"`` here; the model replay, :mod:`kvtriton.replay.model_replay`, says ``"model"``). ``timeseries`` has a
 row every ``record_every`` steps (``TIMESERIES_KEYS``, counts cumulative); ``requests`` a row per request
 (``REQUEST_KEYS``). With several models the summary adds ``<model>.<key>`` for ``MODEL_KEYS`` and each
 time-series row ``<model>.used_blocks`` and ``<model>.held_bytes`` after ``held_bytes``.
@@ -52,6 +53,7 @@ SUMMARY_KEYS = (
     "prefill_kernel_s", "prefill_attention_s", "prefill_model_s",
     "compactions", "compaction_s", "blocks_moved", "chunks_returned",
     "utilization_mean", "utilization_max", "external_fragmentation_mean", "external_fragmentation_max",
+    "compute",
 )
 # Memory figures over every pool (``pool_figures``): blocks summed, fractions of the bytes.
 POOL_KEYS = ("used_blocks", "cached_blocks", "free_blocks", "utilization", "external_fragmentation",
@@ -303,6 +305,7 @@ class ReplayMetrics:
             "utilization_mean": float(np.mean(util)), "utilization_max": float(np.max(util)),
             "external_fragmentation_mean": float(np.mean(frag)),
             "external_fragmentation_max": float(np.max(frag)),
+            "compute": "cost_model",  # prefill projections and MLP modelled (compute=model runs the model)
         }
         if len(self.models) > 1:
             for c in self.models:
