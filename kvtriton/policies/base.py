@@ -11,10 +11,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Callable, ClassVar, Hashable
 
+from ..registry import Registry
+
 Key = Hashable
 
-_REGISTRY: dict[str, type["EvictionPolicy"]] = {}
-_ALIASES: dict[str, str] = {}
+_POLICIES = Registry("policy", "policies")
 
 
 class EvictionPolicy(ABC):
@@ -95,37 +96,23 @@ class EvictionPolicy(ABC):
 
 def register_policy(name: str, *aliases: str) -> Callable[[type[EvictionPolicy]], type[EvictionPolicy]]:
     """Class decorator: register a policy under ``name`` (and ``aliases``) for ``make_policy``."""
-
-    def deco(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        for a in aliases:
-            _ALIASES[a] = name
-        return cls
-
-    return deco
+    return _POLICIES.register(name, *aliases)
 
 
 def available_policies(include_aliases: bool = False) -> list[str]:
-    names = sorted(_REGISTRY)
-    return sorted(names + list(_ALIASES)) if include_aliases else names
+    return _POLICIES.names(include_aliases)
 
 
 def offline_policies() -> list[str]:
     """Registered policies that need the trace's future (``offline = True``), such as Belady's."""
-    return [n for n in available_policies() if _REGISTRY[n].offline]
+    return [n for n in available_policies() if _POLICIES.factories[n].offline]
 
 
 def canonical_name(name: str) -> str:
     """The registered name for ``name`` or one of its aliases; ValueError listing the valid names."""
-    key = str(name).lower()
-    key = _ALIASES.get(key, key)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown policy {name!r}; valid policies: "
-                         f"{', '.join(available_policies(include_aliases=True))}")
-    return key
+    return _POLICIES.canonical(name)
 
 
 def make_policy(name: str, **kwargs) -> EvictionPolicy:
     """Instantiate a registered policy by name or alias (``kwargs`` go to its constructor)."""
-    return _REGISTRY[canonical_name(name)](**kwargs)
+    return _POLICIES.make(name, **kwargs)

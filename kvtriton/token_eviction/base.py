@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..checks import check_int, check_number, is_int, is_number
+from ..registry import Registry
 
 # Every input a strategy may need (``query`` is the current decode query, used with ``page_minmax``).
 NEEDS = ("attention_window", "decode_attention", "last_query", "keys", "page_minmax", "query")
 
-_REGISTRY: dict[str, Callable[..., "TokenEvictionStrategy"]] = {}
-_ALIASES: dict[str, str] = {}
+_STRATEGIES = Registry("token strategy", "strategies")
 
 
 def resolve_budget(budget, seq_len: int, sink: int = 0, window: int = 0) -> int:
@@ -131,33 +131,18 @@ class TokenEvictionStrategy(ABC):
 
 def register_token_strategy(name: str, *aliases: str):
     """Decorator for a strategy class or factory: ``make_token_strategy(name)`` builds it."""
-
-    def deco(factory):
-        _REGISTRY[name] = factory
-        if isinstance(factory, type):
-            factory.name = name
-        for a in aliases:
-            _ALIASES[a] = name
-        return factory
-
-    return deco
+    return _STRATEGIES.register(name, *aliases)
 
 
 def available_token_strategies(include_aliases: bool = False) -> list[str]:
-    names = sorted(_REGISTRY)
-    return sorted(names + list(_ALIASES)) if include_aliases else names
+    return _STRATEGIES.names(include_aliases)
 
 
 def canonical_token_strategy(name: str) -> str:
     """The registered (lower-case) name for ``name`` or an alias; ValueError listing the valid names."""
-    key = str(name).lower()
-    key = _ALIASES.get(key, key)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown token strategy {name!r}; valid strategies: "
-                         f"{', '.join(available_token_strategies(include_aliases=True))}")
-    return key
+    return _STRATEGIES.canonical(name)
 
 
 def make_token_strategy(name: str, **kwargs) -> TokenEvictionStrategy:
     """Instantiate a registered strategy by name or alias (``kwargs`` go to its constructor)."""
-    return _REGISTRY[canonical_token_strategy(name)](**kwargs)
+    return _STRATEGIES.make(name, **kwargs)
