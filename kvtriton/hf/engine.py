@@ -28,6 +28,7 @@ Greedy decoding by default (token identical to ``model.generate`` on the unmodif
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections import deque
@@ -36,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from ..checks import check_int, is_int
+from ..checks import check_int, check_number, is_int
 from ..errors import PoolExhaustedError
 from .attention import ATTN_IMPLEMENTATION, StepBatch, register_paged_attention, scoped_batch
 from .cache import model_pool, pool_max_blocks
@@ -133,27 +134,10 @@ class PagedEngine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(0 if seed is None else int(seed))
         sampling = (do_sample, float(temperature), top_k, gen)
-        outputs: list = [None] * len(seqs)
-        self._waiting = deque(seqs)
-        self._running: list[_Seq] = []
-        self._stats["requests"] += len(seqs)
-        self._stats["prompt_tokens"] += sum(s.prompt_len for s in seqs)
-        model = self.model
-        old_impl = model.config._attn_implementation
-        t_start = _ns()
-        try:
-            if old_impl != ATTN_IMPLEMENTATION:
-                model.set_attn_implementation(ATTN_IMPLEMENTATION)
-            with torch.inference_mode():
-                while self._waiting or self._running:
-                    self._step(outputs, eos, sampling)
-        except BaseException:
-            self._abort()
-            raise
-        finally:
-            if old_impl != ATTN_IMPLEMENTATION:
-                model.set_attn_implementation(old_impl)
-            self._stats["total_ns"] += _ns() - t_start
+        outputs = self._begin(seqs, waiting=seqs)
+        with self._run():
+            while self._waiting or self._running:
+                self._step(outputs, eos, sampling)
         return outputs
 
     def serve(self, prompts: Sequence[Sequence[int]], max_new_tokens, arrivals: Sequence[float], *,
@@ -177,53 +161,34 @@ class PagedEngine:
         if isinstance(arrivals, torch.Tensor) or len(arrivals) != len(seqs):
             raise ValueError(f"arrivals must be a list of {len(seqs)} arrival times (one per prompt)")
         for i, a in enumerate(arrivals):
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0 <= a < float("inf")):
-                raise ValueError(f"arrivals[{i}] = {a!r} is not a finite time >= 0 (seconds)")
-            seqs[i].arrival = float(a)
+            seqs[i].arrival = check_number(f"arrivals[{i}]", a, 0, allowed="a finite time >= 0 (seconds)")
         eos = set() if ignore_eos else self._eos_set(eos_token_id)
-        outputs: list = [None] * len(seqs)
+        outputs = self._begin(seqs, waiting=())
         pending = deque(sorted(seqs, key=lambda q: (q.arrival, q.rid)))
-        self._waiting = deque()
-        self._running = []
-        self._stats["requests"] += len(seqs)
-        self._stats["prompt_tokens"] += sum(s.prompt_len for s in seqs)
-        model = self.model
-        old_impl = model.config._attn_implementation
         now, done = 0.0, 0
-        t_start = _ns()
-        try:
-            if old_impl != ATTN_IMPLEMENTATION:
-                model.set_attn_implementation(ATTN_IMPLEMENTATION)
-            with torch.inference_mode():
-                while pending or self._waiting or self._running:
-                    while pending and pending[0].arrival <= now:
-                        self._waiting.append(pending.popleft())
-                    if not self._waiting and not self._running:
-                        now = pending[0].arrival
-                        continue
-                    active = list(self._running) + list(self._waiting)
-                    self._step(outputs, eos, (False, 1.0, None, None))
-                    start, now = now, now + self._step_ns[-1] / 1e9
-                    for q in active:
-                        if q.admitted_at is None and q.hit_tokens is not None:
-                            q.admitted_at = start
-                        if q.first_token_at is None and q.generated:
-                            q.first_token_at = now
-                        if q.finished_at is None and outputs[q.rid] is not None:
-                            q.finished_at = now
-                            done += 1
-                    if on_step is not None:
-                        _, b, t, p, queued = self._step_log[-1]
-                        on_step(dict(step=len(self._step_ns), time_s=now, step_s=self._step_ns[-1] / 1e9, seqs=b,
-                                     tokens=t, prefill_tokens=p, running=len(self._running),
-                                     waiting=len(self._waiting), finished=done))
-        except BaseException:
-            self._abort()
-            raise
-        finally:
-            if old_impl != ATTN_IMPLEMENTATION:
-                model.set_attn_implementation(old_impl)
-            self._stats["total_ns"] += _ns() - t_start
+        with self._run():
+            while pending or self._waiting or self._running:
+                while pending and pending[0].arrival <= now:
+                    self._waiting.append(pending.popleft())
+                if not self._waiting and not self._running:
+                    now = pending[0].arrival
+                    continue
+                active = list(self._running) + list(self._waiting)
+                self._step(outputs, eos, (False, 1.0, None, None))
+                start, now = now, now + self._step_ns[-1] / 1e9
+                for q in active:
+                    if q.admitted_at is None and q.hit_tokens is not None:
+                        q.admitted_at = start
+                    if q.first_token_at is None and q.generated:
+                        q.first_token_at = now
+                    if q.finished_at is None and outputs[q.rid] is not None:
+                        q.finished_at = now
+                        done += 1
+                if on_step is not None:
+                    _, b, t, p, queued = self._step_log[-1]
+                    on_step(dict(step=len(self._step_ns), time_s=now, step_s=self._step_ns[-1] / 1e9, seqs=b,
+                                 tokens=t, prefill_tokens=p, running=len(self._running),
+                                 waiting=len(self._waiting), finished=done))
         return [dict(tokens=outputs[q.rid], arrival_s=q.arrival, admitted_s=q.admitted_at,
                      first_token_s=q.first_token_at, finished_s=q.finished_at, prompt_tokens=q.prompt_len,
                      hit_tokens=q.hit_tokens, preemptions=q.preemptions) for q in seqs]
@@ -301,6 +266,34 @@ class PagedEngine:
                 f"max_blocks={self.max_blocks}, policy={getattr(self.pool, 'policy_name', '?')!r})")
 
     # ------------------------------------------------------------------ checks
+    def _begin(self, seqs: list[_Seq], waiting) -> list:
+        """Queue ``waiting`` (the rest arrive later), count the requests; the outputs list to fill."""
+        self._waiting = deque(waiting)
+        self._running: list[_Seq] = []
+        self._stats["requests"] += len(seqs)
+        self._stats["prompt_tokens"] += sum(s.prompt_len for s in seqs)
+        return [None] * len(seqs)
+
+    @contextlib.contextmanager
+    def _run(self):
+        """Steps run inside: the model on kvtriton's attention (restored after), no autograd, a failure
+        aborts every request (pool left clean), and the time counts to ``total_ns``."""
+        model = self.model
+        old_impl = model.config._attn_implementation
+        t_start = _ns()
+        try:
+            if old_impl != ATTN_IMPLEMENTATION:
+                model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            with torch.inference_mode():
+                yield
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            if old_impl != ATTN_IMPLEMENTATION:
+                model.set_attn_implementation(old_impl)
+            self._stats["total_ns"] += _ns() - t_start
+
     def _validate(self, prompts, max_new_tokens) -> list[_Seq]:
         if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists (pad-free, one per request)")
