@@ -94,20 +94,12 @@ def _tmp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename.
-
-    The file is created with mode 0666 less the umask, like ``open(path, "w")`` (``tempfile.mkstemp``
-    would make it 0600, unreadable to the rest of a team on a shared filesystem)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _replace_via_tmp(path: Path, fill) -> None:
+    """``fill(tmp)`` writes a fresh temporary file beside ``path``, which then replaces ``path`` in one
+    rename; on any failure the temporary file is removed and ``path`` is untouched."""
     tmp = _tmp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        fill(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -117,17 +109,26 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename.
+
+    The file is created with mode 0666 less the umask, like ``open(path, "w")`` (``tempfile.mkstemp``
+    would make it 0600, unreadable to the rest of a team on a shared filesystem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def fill(tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace_via_tmp(path, fill)
+
+
 def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = _tmp_name(dst)
-    try:
-        shutil.copyfile(src, tmp)  # a new file: 0666 less the umask
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    _replace_via_tmp(dst, lambda tmp: shutil.copyfile(src, tmp))  # a new file: 0666 less the umask
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -405,13 +406,7 @@ class RunStore:
         if self.series_format == "parquet":
             import pandas as pd
 
-            tmp = _tmp_name(path)
-            try:
-                pd.DataFrame(series).to_parquet(tmp, index=False)
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            _replace_via_tmp(path, lambda tmp: pd.DataFrame(series).to_parquet(tmp, index=False))
         else:
             atomic_write_json(path, {"columns": sorted({k for row in series for k in row}),
                                      "rows": series})
