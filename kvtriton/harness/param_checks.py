@@ -160,7 +160,7 @@ _NEEDS: "OrderedDict[str, list]" = OrderedDict()  # a sweep over capacities and 
 def _device_needs(cfg: DictConfig, requests: list) -> list[tuple[str, int, int, str]]:
     """``(pool, blocks its largest request needs, bytes per block, explanation)`` for each model pool of
     the device replay, by the replay's own scale-down of the requests (nothing touches a device)."""
-    from kvtriton.replay.sequences import prepare_sequences, resolve_models  # the replay's own preparation
+    from kvtriton.replay.sequences import largest_needs, prepare_sequences, resolve_models  # the replay's own
 
     name = str(cfg.workload.name)
     wname, kwargs = _workload_kwargs(cfg)
@@ -190,12 +190,7 @@ def _device_needs(cfg: DictConfig, requests: list) -> list[tuple[str, int, int, 
     except ValueError as e:
         raise ConfigError("workload", name, f"requests the device replay can serve ({e})") from e
     needs = []
-    for pool, spec in specs.items():
-        mine = [q for q in seqs if q.model == pool]
-        if not mine:
-            continue
-        big = max(mine, key=lambda q: q.max_tokens)
-        need = spec.blocks_for_tokens(big.max_tokens)
+    for pool, spec, big, need in largest_needs(seqs, specs):
         needs.append((pool, need, spec.bytes_per_block,
                       f"request_id={big.req.request_id} of workload {name!r} holds {big.max_tokens} tokens = "
                       f"{need} blocks of {spec.block_size} tokens ({spec.name}); or cap replay.max_input_tokens / "

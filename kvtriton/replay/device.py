@@ -98,7 +98,7 @@ from ..workloads.request import Request
 from .device_config import DeviceReplayConfig, DeviceReplayResult
 from .engine import ReplayEngine
 from .metrics import REQUEST_KEYS, SUMMARY_KEYS, TIMESERIES_KEYS
-from .sequences import prepare_sequences, resolve_models
+from .sequences import largest_needs, prepare_sequences, resolve_models
 
 __all__ = ["DeviceReplayConfig", "DeviceReplayResult", "replay_device", "resolve_device", "SUMMARY_KEYS",
            "TIMESERIES_KEYS", "REQUEST_KEYS"]
@@ -226,12 +226,7 @@ def _check_positive(name: str, v) -> None:
 def _check_fits(seqs, specs: dict, capacity_blocks, budget_bytes) -> None:
     """ValueError when a pool cannot hold its largest request (it could never finish)."""
     multi = len(specs) > 1
-    for name, spec in specs.items():
-        mine = [s for s in seqs if s.model == name]
-        if not mine:
-            continue
-        biggest = max(mine, key=lambda s: s.max_tokens)
-        need = spec.blocks_for_tokens(biggest.max_tokens)
+    for name, spec, biggest, need in largest_needs(seqs, specs):
         have = capacity_blocks if not multi else budget_bytes // spec.bytes_per_block
         if need > have:
             what = f"capacity of {have} blocks" if not multi else \

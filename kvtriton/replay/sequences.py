@@ -10,7 +10,7 @@ from ..spec import ModelSpec, get_spec
 from ..workloads.request import Request
 from .device_config import DeviceReplayConfig
 
-__all__ = ["SequenceState", "prepare_sequences", "resolve_models"]
+__all__ = ["SequenceState", "prepare_sequences", "resolve_models", "largest_needs"]
 
 
 class SequenceState:
@@ -112,3 +112,15 @@ def resolve_models(model, cfg: DeviceReplayConfig) -> tuple[dict[str, ModelSpec]
         return {k: one(v) for k, v in model.items()}, True
     spec = one(model)
     return {spec.name: spec}, False
+
+
+def largest_needs(seqs, specs: dict) -> list[tuple[str, ModelSpec, SequenceState, int]]:
+    """Per pool with requests: ``(pool, spec, its largest sequence, the blocks that one needs)``. A pool
+    smaller than that could never finish the request; the replay and the harness both refuse it."""
+    out = []
+    for name, spec in specs.items():
+        mine = [s for s in seqs if s.model == name]
+        if mine:
+            biggest = max(mine, key=lambda s: s.max_tokens)
+            out.append((name, spec, biggest, spec.blocks_for_tokens(biggest.max_tokens)))
+    return out
