@@ -496,6 +496,18 @@ def bench_prefill(dev, timer, copy_gbps, cases, prefix_cases, hq, hkv, d):
     return rows
 
 
+def mixed_split(tables, lens, cu, chunks, dev):
+    """A mixed batch as the two functional calls a caller without a plan makes: ``(d_rows, p_rows,
+    (tables, lens) of the one-token chunks, (tables, lens, cu_seqlens_q) of the longer ones)``."""
+    one = [b for b, c in enumerate(chunks) if c == 1]
+    many = [b for b, c in enumerate(chunks) if c > 1]
+    d_rows = cu[one].long().to(dev)
+    p_rows = torch.cat([torch.arange(int(cu[b]), int(cu[b + 1])) for b in many]).to(dev)
+    p_cu = torch.zeros(len(many) + 1, dtype=torch.int32)
+    p_cu[1:] = torch.tensor([chunks[b] for b in many]).cumsum(0)
+    return d_rows, p_rows, (tables[one], lens[one]), (tables[many], lens[many], p_cu.to(dev))
+
+
 def mixed_case(dev, n_decode, ctx, n_prefill, chunk, prefix, hq=HQ, hkv=HKV, d=D):
     """A scheduler's mixed step: ``n_decode`` sequences decoding at ``ctx`` tokens, interleaved with
     ``n_prefill`` chunks of ``chunk`` tokens after a cached ``prefix``."""
@@ -525,14 +537,7 @@ def bench_mixed(dev, timer, copy_gbps, cases, hq, hkv, d):
         cu_d = cu.to(dev)
         ms = timer(lambda: plan.run(q, kc, vc))
         whole_ms = timer(lambda: ops.paged_prefill_attention(q, kc, vc, tables, lens, cu_d))
-        one = [b for b, c in enumerate(chunks) if c == 1]
-        many = [b for b, c in enumerate(chunks) if c > 1]
-        d_rows = cu[one].long().to(dev)
-        p_rows = torch.cat([torch.arange(int(cu[b]), int(cu[b + 1])) for b in many]).to(dev)
-        p_cu = torch.zeros(len(many) + 1, dtype=torch.int32)
-        p_cu[1:] = torch.tensor([chunks[b] for b in many]).cumsum(0)
-        p_cu = p_cu.to(dev)
-        t_one, l_one, t_many, l_many = tables[one], lens[one], tables[many], lens[many]
+        d_rows, p_rows, (t_one, l_one), (t_many, l_many, p_cu) = mixed_split(tables, lens, cu, chunks, dev)
 
         def functional():
             out = torch.empty_like(q)

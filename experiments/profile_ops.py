@@ -26,7 +26,7 @@ import time
 import torch
 
 from _bench_utils import resolve_device, run_header, write_json
-from bench_kernels import Timer, append_case, attention_case, mixed_case
+from bench_kernels import Timer, append_case, attention_case, mixed_case, mixed_split
 from kvtriton import ops
 from kvtriton.ops import attention as attn_mod
 from kvtriton.ops.attention import _device_sms, decode_launch_config
@@ -192,14 +192,7 @@ def main(argv=None) -> int:
         tables_h, lens_h = tables.cpu(), lens.cpu()
         plan = ops.PagedAttentionPlan().plan(tables_h, lens_h, cu, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
                                              block_size=BS, num_blocks=kc.shape[0], dtype=DTYPE, device=dev)
-        one = [b for b, c in enumerate(chunks) if c == 1]
-        many = [b for b, c in enumerate(chunks) if c > 1]
-        d_rows = cu[one].long().to(dev)
-        p_rows = torch.cat([torch.arange(int(cu[b]), int(cu[b + 1])) for b in many]).to(dev)
-        p_cu = torch.zeros(len(many) + 1, dtype=torch.int32)
-        p_cu[1:] = torch.tensor([chunks[b] for b in many]).cumsum(0)
-        p_cu = p_cu.to(dev)
-        t1, l1, t2, l2 = tables[one], lens[one], tables[many], lens[many]
+        d_rows, p_rows, (t1, l1), (t2, l2, p_cu) = mixed_split(tables, lens, cu, chunks, dev)
         q1, q2 = q[d_rows], q[p_rows]
 
         def functional():
