@@ -218,7 +218,8 @@ def test_out_of_range_block_ids_are_not_followed(path):
     assert _rel_err(out, r_out) < 1e-5 and _rel_err(lse, r_lse) < 1e-5
 
 
-def test_strided_and_noncontiguous_inputs():
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_strided_and_noncontiguous_inputs(path):
     gen = torch.Generator().manual_seed(5)
     q, kc, vc, tables, lens, cu = _case([40, 23], [12, 23], 8, 2, 64, 16, torch.float32, layers=3, gen=gen)
     assert not kc.is_contiguous() and kc.stride(0) == 3 * 2 * 16 * 2 * 64
@@ -234,7 +235,8 @@ def test_strided_and_noncontiguous_inputs():
     padded[:, 1:-2] = tables
     tables_off = padded[:, 1:-2]                                               # offset, padded rows
     for t in (tables_nc, tables_t, tables_off):
-        out = ops.paged_prefill_attention(q_nc, kc, vc, t, lens_nc, cu_nc, sliding_window=9)
+        with ops.backend(path):
+            out = ops.paged_prefill_attention(q_nc, kc, vc, t, lens_nc, cu_nc, sliding_window=9)
         r = ref.paged_prefill_attention(q, kc, vc, tables, lens, cu, sliding_window=9)
         assert _rel_err(out, r) < 1e-5
 
