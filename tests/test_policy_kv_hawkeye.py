@@ -231,3 +231,23 @@ def test_reference_points_on_the_mooncake_traces(traces_dir):
     syn = load_mooncake(traces_dir / "synthetic_trace.jsonl")
     got = simulate(syn, "kv_hawkeye", 1000)["hit_rate"]
     assert got > 0.98 * max(simulate(syn, name, 1000)["hit_rate"] for name in ("arc", "s3fifo", "lru"))
+
+
+def test_state_stays_bounded_on_a_long_trace():
+    # Every structure is O(window x capacity) keys (plus the resident keys), not O(trace length): the
+    # per-step OPTgen state is trimmed to the steps that a remembered reference can still name.
+    cap = 60
+    trace = zipf_prefix_workload(6000, num_prefixes=40, seed=5)
+    p = KVHawkeyePolicy(capacity=cap, window=2.0, history=400)
+    simulate(trace, p, cap)
+    assert p._step == len(trace)
+    lo = p._recent[0][0]
+    assert p._base <= min(t for t, _ in p._last.values()) and p._base <= lo
+    span = p._step - lo
+    for name in ("_turns", "_nblk"):
+        assert len(getattr(p, name)) == p._step - p._base <= 2 * span + 1025 < len(trace) // 2
+    assert len(p._occ) <= 2 * (2 * span + 1025)
+    assert len(p._last) <= 2 * cap + max(len(r.hash_ids) for r in trace)
+    assert len(p._prio) == len(p._refs) == len(p._stamp) <= cap and len(p._bonus) <= cap
+    assert len(p._heap) <= max(64, 2 * len(p._prio)) + max(len(r.hash_ids) for r in trace)
+    assert len(p._history) <= 400 and len(p._table) < 2000

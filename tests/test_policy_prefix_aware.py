@@ -97,3 +97,18 @@ def test_reference_points_on_the_mooncake_traces(traces_dir):
     assert p.beta == 0.5
     best = max(simulate(conv, name, 1000)["hit_rate"] for name in ("arc", "s3fifo", "lru"))
     assert got > 1.2 * best
+
+
+def test_state_stays_bounded_on_a_long_trace():
+    # The main cache's and every shadow's heap, counts and history stay within a multiple of the
+    # capacity (the history within its bound) however long the trace.
+    cap, hist = 60, 300
+    trace = zipf_prefix_workload(4000, num_prefixes=40, seed=5)
+    p = PrefixAwarePolicy(capacity=cap, history=hist, every=20)
+    simulate(trace, p, cap)
+    biggest = max(len(r.hash_ids) for r in trace)
+    for q in [p] + [sh.policy for sh in p._shadows]:
+        assert len(q._prio) == len(q._refs) == len(q._stamp) <= cap and not q._pinned
+        assert len(q._heap) <= max(64, 2 * len(q._prio)) + biggest
+        assert len(q._history) <= hist
+    assert all(len(sh.resident) <= cap for sh in p._shadows)

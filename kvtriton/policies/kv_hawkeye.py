@@ -76,6 +76,7 @@ class KVHawkeyePolicy(RefAgePolicy):
         self._table: dict = {}           # signature -> [friendly, averse] label counts
         # OPTgen state (only with a capacity).
         self._step = 0
+        self._base = 0                   # the step of _occ[0], _turns[0] and _nblk[0] (see _trim)
         self._occ = np.zeros(1024, dtype=np.int64)
         self._last: dict = {}            # key -> (step, signature) of its last reference within the window
         self._recent: deque = deque()    # (step, block references up to it, keys), oldest first
@@ -95,8 +96,8 @@ class KVHawkeyePolicy(RefAgePolicy):
         prev = self._last.get(keys[num_hit - 1])
         if prev is None:
             return 1
-        t0 = prev[0]
-        return self._turns[t0] + 1 if num_hit >= self._nblk[t0] - 1 else 1
+        i = prev[0] - self._base
+        return self._turns[i] + 1 if num_hit >= self._nblk[i] - 1 else 1
 
     @staticmethod
     def signatures(keys, num_hit: int, request, turn: int = 1) -> list:
@@ -152,12 +153,12 @@ class KVHawkeyePolicy(RefAgePolicy):
             bonus[k] = b
 
     def _optgen(self, keys, sigs):
-        t = self._step
+        t, base = self._step, self._base
         occ = self._occ
-        if t >= len(occ):
+        if t - base >= len(occ):
             occ = self._occ = np.concatenate([occ, np.zeros(len(occ), dtype=np.int64)])
         cap = self._capacity
-        occ[t] = len(keys)
+        occ[t - base] = len(keys)
         last = self._last
         groups: dict = {}
         for k, s in zip(keys, sigs):
@@ -167,7 +168,7 @@ class KVHawkeyePolicy(RefAgePolicy):
             last[k] = (t, s)
         train = self._train
         for t0, psigs in groups.items():
-            seg = occ[t0 + 1:t]
+            seg = occ[t0 + 1 - base:t - base]
             if len(seg):
                 kept = max(0, min(cap - int(seg.max()), len(psigs)))
                 if kept:
@@ -190,3 +191,23 @@ class KVHawkeyePolicy(RefAgePolicy):
                     del last[k]
                     train(prev[1], False)
         self._step = t + 1
+        if recent[0][0] - base > max(1024, t + 1 - recent[0][0]):
+            self._trim(recent[0][0])
+
+    def _trim(self, lo):
+        """Forget the per-step state (``_occ``, ``_turns``, ``_nblk``) of the steps before ``lo``, the oldest
+        step left in ``_recent``, so that it stays O(window x capacity) however long the trace.
+
+        This changes no decision: those entries are read only at a step ``t0`` named by ``_last`` (``_turn``
+        reads ``_turns[t0]`` and ``_nblk[t0]``, ``_optgen`` the occupancy of the steps after ``t0``), and every
+        ``_last`` entry names a step still in ``_recent``: when a step leaves ``_recent`` the entries that name
+        it are deleted with it, and newer steps enter both together. Called when the dropped part outgrows
+        the kept part, so the copying is O(1) per step.
+        """
+        d = lo - self._base
+        keep = self._occ[d:self._step - self._base]
+        occ = np.zeros(max(1024, 2 * len(keep)), dtype=np.int64)
+        occ[:len(keep)] = keep
+        self._occ = occ
+        del self._turns[:d], self._nblk[:d]
+        self._base = lo
