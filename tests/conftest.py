@@ -1,3 +1,4 @@
+import json
 import os
 
 # The kernels run in Triton's interpreter on CPU; this must be set before triton is imported.
@@ -30,3 +31,24 @@ def traces_dir():
     if not (TRACES / "conversation_trace.jsonl").exists():
         pytest.skip(f"Mooncake traces not found at {TRACES} (set KVTRITON_TRACES)")
     return TRACES
+
+
+@pytest.fixture
+def fake_traces(tmp_path, monkeypatch):
+    """Tiny valid trace folders for the workload configs (the real traces may be absent): the two Mooncake
+    files under ``$KVTRITON_TRACES`` and one agentic conversation under ``$KVTRITON_AGENTIC_TRACES``."""
+    d = tmp_path / "traces"
+    d.mkdir()
+    lines = [{"timestamp": 0, "input_length": 1000, "output_length": 10, "hash_ids": [0, 1]},
+             {"timestamp": 5, "input_length": 1500, "output_length": 10, "hash_ids": [0, 1, 2]}]
+    for name in ("conversation_trace.jsonl", "synthetic_trace.jsonl"):
+        (d / name).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    monkeypatch.setenv("KVTRITON_TRACES", str(d))
+    agentic = tmp_path / "agentic" / "traces"
+    agentic.mkdir(parents=True)
+    conv = {"block_size": 64, "tool_tokens": 600, "system_tokens": 424,
+            "requests": [{"t": 0, "type": "n", "in": 1000, "out": 10, "hash_ids": list(range(1, 16)),
+                          "stop": "tool_use"}]}
+    (agentic / "trace_0001.json").write_text(json.dumps(conv))
+    monkeypatch.setenv("KVTRITON_AGENTIC_TRACES", str(tmp_path / "agentic"))
+    return d

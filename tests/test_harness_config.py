@@ -36,18 +36,6 @@ def hydra_conf():
     GlobalHydra.instance().clear()
 
 
-@pytest.fixture
-def fake_traces(tmp_path, monkeypatch):
-    d = tmp_path / "traces"
-    d.mkdir()
-    lines = ['{"timestamp": 0, "input_length": 1000, "output_length": 10, "hash_ids": [0, 1]}',
-             '{"timestamp": 5, "input_length": 1500, "output_length": 10, "hash_ids": [0, 1, 2]}']
-    for name in ("conversation_trace.jsonl", "synthetic_trace.jsonl"):
-        (d / name).write_text("\n".join(lines) + "\n")
-    monkeypatch.setenv("KVTRITON_TRACES", str(d))
-    return d
-
-
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 

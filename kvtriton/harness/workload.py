@@ -1,5 +1,6 @@
 """The workload a config names, built once per process: the generator's arguments from ``workload.*`` and
-``replay.max_requests``, the Mooncake trace file, and library errors mapped to the config key at fault."""
+``replay.max_requests``, the trace file (Mooncake's JSONL, the agentic traces' archive), and library errors
+mapped to the config key at fault."""
 
 from __future__ import annotations
 
@@ -13,24 +14,42 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from .config import ConfigError, plain
-from kvtriton.workloads.paths import MOONCAKE_FILES, mooncake_trace_path
+from kvtriton.workloads.paths import MOONCAKE_FILES, agentic_trace_path, mooncake_trace_path
+
+# Trace workloads that are not Mooncake's: their file from workload.trace_path / workload.traces_dir, their
+# arrival seed from workload.seed; replay.max_requests cuts their (arrival-sorted) requests.
+_AGENTIC = ("{} agentic traces (claude_code_traces.tgz or an unpacked folder of trace files; "
+            "github.com/callanjfox/kv-cache-tester, folder traces/)", agentic_trace_path)
+_OTHER_TRACES = {"agentic": _AGENTIC, "agentic_native": _AGENTIC}
+
+
+def _trace_what(name: str, adjective: str) -> str:
+    """What a trace workload's file must be, for error messages (``"readable"``, ``"valid"``)."""
+    return _OTHER_TRACES[name][0].format(adjective) if name in _OTHER_TRACES else f"a {adjective} Mooncake JSONL file"
 
 
 def trace_file(wcfg) -> Path | None:
-    """The trace file a Mooncake workload reads (None for synthetic workloads)."""
+    """The trace file a trace workload reads (None for synthetic workloads)."""
     name = str(wcfg.name).lower().replace("-", "_")
-    if name not in MOONCAKE_FILES:
+    if name not in MOONCAKE_FILES and name not in _OTHER_TRACES:
         return None
     if wcfg.trace_path:
         return Path(str(wcfg.trace_path))
-    return mooncake_trace_path(name, str(wcfg.traces_dir) if wcfg.traces_dir else None)
+    folder = str(wcfg.traces_dir) if wcfg.traces_dir else None
+    if name in _OTHER_TRACES:
+        return _OTHER_TRACES[name][1](folder)
+    return mooncake_trace_path(name, folder)
 
 
 def _workload_kwargs(cfg: DictConfig) -> tuple[str, dict]:
     name = str(cfg.workload.name).lower().replace("-", "_")
     params = dict(plain(cfg.workload.params) or {})
     limit = cfg.replay.max_requests
-    if name in MOONCAKE_FILES:
+    if name in _OTHER_TRACES:
+        if params.get("path") is None and params.get("traces_dir") is None:
+            params["path"] = str(trace_file(cfg.workload))
+        params.setdefault("seed", int(cfg.workload.seed))
+    elif name in MOONCAKE_FILES:
         params = dict(params, path=str(trace_file(cfg.workload)))
         if limit is not None:
             params["limit"] = int(limit)
@@ -76,7 +95,7 @@ def build_workload(cfg: DictConfig) -> list:
     except (ValueError, TypeError) as e:
         raise _workload_error(cfg, name, kwargs, e) from e
     except OSError as e:
-        raise ConfigError("workload.trace_path", kwargs.get("path"), f"a readable Mooncake JSONL file ({e})") from e
+        raise ConfigError("workload.trace_path", kwargs.get("path"), f"{_trace_what(name, 'readable')} ({e})") from e
     reqs = reqs[:limit] if limit is not None else list(reqs)
     if not reqs:
         raise ConfigError("workload.params", plain(cfg.workload.params), f"parameters that give at least one "
@@ -103,8 +122,10 @@ def _lead_name(message: str, names) -> str | None:
 def _workload_error(cfg, name: str, kwargs: dict, e: Exception) -> ConfigError:
     user = plain(cfg.workload.params) or {}
     arg = _lead_name(e, kwargs)
+    if name in _OTHER_TRACES and kwargs.get("path") and str(e).startswith(str(kwargs["path"])):
+        arg = "path"   # a fault in the trace data: its messages start with the file
     if arg == "path":
-        return ConfigError("workload.trace_path", kwargs.get("path"), f"a valid Mooncake JSONL file ({e})")
+        return ConfigError("workload.trace_path", kwargs.get("path"), f"{_trace_what(name, 'valid')} ({e})")
     if arg == "seed" and "seed" not in user:
         return ConfigError("workload.seed", cfg.workload.seed, str(e))
     if arg is not None:
