@@ -13,7 +13,9 @@ Two ways in:
       out = model.generate(**batch, cache=cache, max_new_tokens=64, do_sample=False)   # past_key_values= too
 
 * an engine: :class:`PagedEngine`, continuous batching of many requests over one pool, with prefix
-  caching across requests, the pool's eviction policy and preemption by recompute.
+  caching across requests, the pool's eviction policy and preemption by recompute; optionally token-level
+  KV eviction per layer (``token_eviction="h2o"``, ``"snapkv"``, ``"quest"``, ...; see
+  :mod:`kvtriton.hf.token_evict`) and teacher-forced scoring (``PagedEngine.score``).
 
 This package is never imported by ``kvtriton/__init__``; ``transformers`` (the ``models`` extra) is imported
 only when one of the names below that needs it is first used. :func:`load_smollm2` loads SmolLM2-135M-Instruct

@@ -47,7 +47,9 @@ class StepBatch:
     prefix plus this step's chunk); ``cu_seqlens_q`` int32 ``[batch + 1]`` (chunk ``b`` is tokens
     ``cu[b]:cu[b+1]`` of the packed step). ``token_index`` (int64, optional) picks the real tokens out of the
     flattened ``[hf_batch * q_len]`` inputs; the others (padding) get a zero output. ``decode_only``: one token
-    per sequence and no padding, so the decode kernel runs.
+    per sequence and no padding, so the decode kernel runs. ``layer_attention`` (optional): a callable
+    ``(layer, q, k, v, scale) -> out`` that writes and attends instead (token eviction: per-layer lengths and
+    slots, see :mod:`kvtriton.hf.token_evict`), given the packed ``q [T, hq, d]``, ``k``/``v [T, hkv, d]``.
     """
 
     pool: object
@@ -61,6 +63,7 @@ class StepBatch:
     on_last_layer: object = None         # called after the attention of layer num_layers - 1
     attention_ns: int = 0                # host time spent in the attention calls of this step
     layers_done: int = field(default=0)
+    layer_attention: object = None
 
 
 class _Local(threading.local):
@@ -139,6 +142,8 @@ def _paged_attention(batch: StepBatch, layer: int, query, key, value, scaling, s
     idx = batch.token_index
     if idx is not None:
         q, k, v = q[idx], k[idx], v[idx]
+    if batch.layer_attention is not None:
+        return batch.layer_attention(layer, q, k, v, scaling).view(b, s, hq, d)
     key_cache, value_cache = batch.pool.kv(layer)
     ops.append_kv(k, v, key_cache, value_cache, batch.slot_mapping)
     window = int(sliding_window) if sliding_window else None

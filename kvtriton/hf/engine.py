@@ -23,7 +23,13 @@ lengths, slot mapping), writes each layer's new K/V into the pages and runs ``pa
   prefilled again later (hitting whatever of its blocks are still cached).
 
 Greedy decoding by default (token identical to ``model.generate`` on the unmodified model in float32);
-``do_sample=True`` samples with ``temperature``/``top_k`` from a seeded generator.
+``do_sample=True`` samples with ``temperature``/``top_k`` from a seeded generator. :meth:`PagedEngine.score`
+gives teacher-forced log-probabilities (perplexity).
+
+Token eviction (``token_eviction=``, :mod:`kvtriton.hf.token_evict`): a strategy from
+:mod:`kvtriton.token_eviction` keeps a budget of tokens per sequence and per layer (per-head budgets are not
+supported: the kernels take one length per sequence and layer), with scores from the attention kernels'
+log-sum-exp (``ops.paged_attention_scores``). Such sequences do not use the prefix cache.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from ..errors import PoolExhaustedError
 from .attention import ATTN_IMPLEMENTATION, StepBatch, register_paged_attention, scoped_batch
 from .cache import model_pool, pool_max_blocks
 from .support import check_model
+from .token_evict import make_evictor
 
 __all__ = ["PagedEngine"]
 
@@ -56,6 +63,8 @@ class _Seq:
     cache: object = None          # VirtualKVCache while running
     preemptions: int = 0
     hit_tokens: int | None = None  # prefix-cache hit of the first admission
+    forced: list | None = None    # score(): the target tokens fed instead of sampled ones
+    logprobs: list = field(default_factory=list)
     # serve(): simulated-clock times in seconds
     arrival: float = 0.0
     admitted_at: float | None = None
@@ -84,14 +93,28 @@ class PagedEngine:
         device: where the pages live (default: the model's device).
         profile: synchronize CUDA around the timed sections so that ``stats()`` splits device time
             correctly (no effect on CPU, where timing is always synchronous).
+        token_eviction: None (full cache), a name from
+            ``kvtriton.token_eviction.available_token_strategies()`` or a ``TokenEvictionStrategy``; an unknown
+            name raises ValueError listing the valid ones.
+        token_budget: tokens each layer of a sequence keeps: a fraction in (0, 1] of the tokens it has seen
+            (1.0 keeps everything) or an int count; never below the strategy's sink + window (refused).
+            Budgets are per sequence and per layer; per-head budgets are not supported.
+        token_eviction_kwargs: keyword arguments of the strategy's constructor (``sink``, ``window``, ...).
+        pyramid: split the total budget across layers (PyramidKV, ``pyramid_budgets``).
+        evict_every: continuous strategies cut a layer back to its budget once it holds this many tokens
+            more (default: ``block_size``).
     """
 
     def __init__(self, model, *, budget_bytes: int | None = None, block_size: int = 16, policy="lru",
                  max_num_seqs: int = 64, max_batch_tokens: int = 2048, pool=None, device=None,
-                 num_blocks: int | None = None, profile: bool = False):
+                 num_blocks: int | None = None, profile: bool = False, token_eviction=None, token_budget=1.0,
+                 token_eviction_kwargs: dict | None = None, pyramid: bool = False, evict_every: int | None = None):
         layout = check_model(model)
         for name, v in (("max_num_seqs", max_num_seqs), ("max_batch_tokens", max_batch_tokens)):
             check_int(name, v, 1)
+        check_int("block_size", block_size, 1, 256)
+        self._evictor = make_evictor(layout, block_size, token_eviction, token_budget, token_eviction_kwargs,
+                                     pyramid, evict_every)
         register_paged_attention()
         self.model = model
         self.layout = layout
@@ -99,6 +122,8 @@ class PagedEngine:
             model, layout, block_size=block_size, pool=pool, device=device, budget_bytes=budget_bytes,
             num_blocks=num_blocks, policy=policy, name="hf-engine")
         self.pool = pool
+        if self._evictor is not None:
+            self._evictor.bind(pool)
         self.device = pool.device
         self.block_size = block_size
         self.max_blocks = pool_max_blocks(pool)
@@ -193,6 +218,29 @@ class PagedEngine:
                      first_token_s=q.first_token_at, finished_s=q.finished_at, prompt_tokens=q.prompt_len,
                      hit_tokens=q.hit_tokens, preemptions=q.preemptions) for q in seqs]
 
+    def score(self, prompt_ids: Sequence[int], target_ids: Sequence[int]) -> torch.Tensor:
+        """float64 ``[len(target_ids)]``: the log-probability of each target token, teacher-forced: the prompt
+        is prefilled, then each target is fed as the next decode step's token, under the engine's eviction
+        exactly as :meth:`generate` applies it (so ``-mean`` is the targets' log-perplexity). Inputs are
+        checked as :meth:`generate` checks them (ValueError naming them, before any work)."""
+        if self._closed:
+            raise RuntimeError("this PagedEngine is closed")
+        if isinstance(target_ids, torch.Tensor):
+            target_ids = target_ids.tolist()
+        if not isinstance(target_ids, (list, tuple)) or not target_ids:
+            raise ValueError("target_ids must be a non-empty list of token ids")
+        vocab = self.layout.vocab_size
+        for j, t in enumerate(target_ids):
+            if not is_int(t) or t < 0 or (vocab and t >= vocab):
+                raise ValueError(f"target_ids[{j}] = {t!r} is not a token id in [0, {vocab})")
+        seqs = self._validate([prompt_ids], len(target_ids))
+        seqs[0].forced = [int(t) for t in target_ids]
+        outputs = self._begin(seqs, waiting=seqs)
+        with self._run():
+            while self._waiting or self._running:
+                self._step(outputs, set(), (False, 1.0, None, None))
+        return torch.tensor(seqs[0].logprobs, dtype=torch.float64)
+
     def stats(self) -> dict:
         """Counters and timings since construction (or :meth:`reset_stats`), plus the pool's.
 
@@ -203,7 +251,11 @@ class PagedEngine:
         evicted). Times in seconds: ``model_s`` (the forwards less attention), ``attention_s`` (K/V appends
         and the paged kernels), ``memory_s`` (pool requests, appends, releases, block tables and slot
         mappings), ``sampling_s``; ``step_ms_*`` per step; ``tokens_per_s`` generated per second of
-        ``total_s``.
+        ``total_s``. KV held, summed over layers: ``kv_tokens_held`` (now) and ``kv_tokens_held_peak``,
+        ``kv_tokens_per_layer(_peak)`` (their layer average), ``kv_bytes_held(_peak)``. With token eviction
+        also: ``kv_bytes_read`` by attention against ``kv_bytes_read_full`` (a full cache; quest reads
+        less) and ``kv_read_fraction``, ``score_ns``/``score_s`` (scoring), ``compact_ns``/``compact_s``
+        (selection and compaction), ``tokens_evicted`` (over layers), ``blocks_returned`` (to the pool), the strategy.
         """
         s = dict(self._stats)
         ns = {k: s.pop(k) for k in list(s) if k.endswith("_ns")}
@@ -227,6 +279,15 @@ class PagedEngine:
         out["evictions"] = p.get("evictions", 0) - self._evictions0
         out["pool"] = {k: p[k] for k in ("capacity_blocks", "used_blocks", "cached_blocks", "free_blocks",
                                          "block_bytes", "hit_rate", "evictions", "chunks_held") if k in p}
+        running = getattr(self, "_running", [])
+        if self._evictor is not None:
+            out.update(self._evictor.stats(running))
+        else:
+            L, tb = self.layout.num_layers, self.spec.bytes_per_block // self.block_size
+            held = sum(q.cache.seq_len for q in running if q.cache is not None) * L
+            out.update(kv_tokens_held=held, kv_tokens_per_layer=held / L, kv_bytes_held=held * tb // L,
+                       kv_tokens_held_peak=self._kv_peak, kv_tokens_per_layer_peak=self._kv_peak / L,
+                       kv_bytes_held_peak=self._kv_peak * tb // L)
         return out
 
     def step_log(self) -> list[dict]:
@@ -245,6 +306,9 @@ class PagedEngine:
         self._step_log: list[tuple] = []
         p = self.pool.stats() if not self.pool.closed else {}
         self._evictions0 = p.get("evictions", 0)
+        self._kv_peak = 0
+        if self._evictor is not None:
+            self._evictor.reset_stats()
 
     def close(self) -> None:
         """Close the arena the engine created (a given pool is left open); idempotent."""
@@ -329,6 +393,8 @@ class PagedEngine:
                     f"prompts[{i}] needs {need} blocks of {bs} tokens ({len(ids)} prompt + {news[i]} new tokens) "
                     f"but the pool can hold at most {self.max_blocks} blocks ({self.max_blocks * bs} tokens); "
                     "raise budget_bytes or shorten the request")
+            if self._evictor is not None:
+                self._evictor.check_prompt(i, len(ids))
             seqs.append(_Seq(i, ids, len(ids), news[i]))
         return seqs
 
@@ -346,7 +412,7 @@ class PagedEngine:
 
     # ------------------------------------------------------------------ scheduling
     def _preempt(self, seq: _Seq) -> None:
-        self.pool.release(seq.cache)
+        seq.cache.release()
         seq.cache = None
         seq.preemptions += 1
         self._stats["preemptions"] += 1
@@ -379,7 +445,8 @@ class PagedEngine:
             if sched and n > budget:
                 break
             try:
-                cache = self.pool.request(token_ids=seq.tokens)
+                cache = (self.pool.request(token_ids=seq.tokens) if self._evictor is None
+                         else self._evictor.admit(seq.tokens))
             except PoolExhaustedError:
                 if not sched and not running:
                     raise RuntimeError(
@@ -423,15 +490,7 @@ class PagedEngine:
         input_ids = torch.tensor(ids, dtype=torch.long).to(dev)[None]
         position_ids = torch.tensor(pos, dtype=torch.long).to(dev)[None]
         with pool.stable_blocks():           # block ids taken here stay valid until the forward is done
-            slots = []
-            for seq, start, n, written in sched:
-                sm = seq.cache.slot_mapping(start, start + n)
-                if written > start:            # already in the pages (prefix hit): read, never rewritten
-                    sm[: written - start] = -1
-                slots.append(sm)
-            tables, lens = pool.batch_tensors([s[0].cache for s in sched])
-            batch = StepBatch(pool, torch.cat(slots), tables, lens, cu.to(dev),
-                              decode_only=all(n == 1 for n in counts), num_layers=self.layout.num_layers)
+            batch = self._batch(sched, cu, all(n == 1 for n in counts))
             self._sync()
             t1 = _ns()
             with scoped_batch(batch):
@@ -440,7 +499,13 @@ class PagedEngine:
             logits = out.logits[0].float()
             self._sync()
             t2 = _ns()
+        if self._evictor is not None:
+            self._evictor.end_step(sched)
         nxt = self._sample(logits, sampling)
+        for i, (seq, _, _, _) in enumerate(sched):
+            if seq.forced is not None:       # score(): the target is the next token; keep its log-probability
+                nxt[i] = seq.forced[len(seq.generated)]
+                seq.logprobs.append(float(torch.log_softmax(logits[i].double(), -1)[nxt[i]]))
         t3 = _ns()
         st = self._stats
         st["forward_ns"] += t2 - t1
@@ -451,7 +516,7 @@ class PagedEngine:
             seq.generated.append(tok)
             st["generated_tokens"] += 1
             if len(seq.generated) >= seq.max_new or tok in eos:
-                self.pool.release(seq.cache)
+                seq.cache.release()
                 seq.cache = None
                 self._running.remove(seq)
                 outputs[seq.rid] = seq.generated
@@ -461,6 +526,22 @@ class PagedEngine:
         self._step_ns.append(t4 - t0)
         self._step_log.append((t4 - t0, len(sched), len(ids), sum(n for _, _, n, _ in sched if n > 1),
                                len(self._running) + len(self._waiting)))
+
+    def _batch(self, sched, cu, decode_only: bool) -> StepBatch:
+        """The step's attention metadata (inside ``pool.stable_blocks()``)."""
+        if self._evictor is not None:
+            return self._evictor.step_batch(sched, cu, decode_only)
+        slots = []
+        for seq, start, n, written in sched:
+            sm = seq.cache.slot_mapping(start, start + n)
+            if written > start:            # already in the pages (prefix hit): read, never rewritten
+                sm[: written - start] = -1
+            slots.append(sm)
+        tables, lens = self.pool.batch_tensors([s[0].cache for s in sched])
+        held = sum(q.cache.seq_len for q in self._running) * self.layout.num_layers
+        self._kv_peak = max(self._kv_peak, held)
+        return StepBatch(self.pool, torch.cat(slots), tables, lens, cu.to(self.device), decode_only=decode_only,
+                         num_layers=self.layout.num_layers)
 
     def _sample(self, logits, sampling) -> list[int]:
         do_sample, temperature, top_k, gen = sampling
@@ -483,7 +564,7 @@ class PagedEngine:
         try:
             for seq in self._running:
                 if seq.cache is not None and not seq.cache.released:
-                    self.pool.release(seq.cache)
+                    seq.cache.release()
                 seq.cache = None
             self._running = []
             self._waiting = deque()

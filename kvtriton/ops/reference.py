@@ -195,6 +195,42 @@ def paged_prefill_attention(q, key_cache, value_cache, block_tables, seq_lens, c
     return (out, lse) if return_lse else out
 
 
+
+def paged_attention_scores(q, key_cache, block_tables, seq_lens, lse, cu_seqlens_q=None, *, scale=None,
+                           sliding_window=None, compute_dtype=torch.float64):
+    """Attention probability each cached key receives, summed over a chunk of queries, per query head.
+
+    q ``[total_q, num_q_heads, head_dim]`` (chunk ``b`` is ``q[cu[b]:cu[b+1]]``, the LAST queries of
+    sequence ``b``, as in ``paged_prefill_attention``; ``cu_seqlens_q`` None: one query per sequence);
+    ``lse`` float32 ``[total_q, num_q_heads]`` the natural-log log-sum-exp of each query's scaled scores.
+    Returns float32 ``[batch, num_q_heads, max_blocks * block_size]``: ``sum_i exp(q_i . k_t * scale -
+    lse_i)`` over the chunk's queries ``i`` that see key ``t`` (causal, window), 0 for keys past
+    ``seq_lens[b]``. Computed densely in ``compute_dtype`` (float64 by default)."""
+    total_q, hq, d = q.shape
+    batch, max_blocks = block_tables.shape
+    block_size, hkv = key_cache.shape[1], key_cache.shape[2]
+    group = hq // hkv if hkv else 0
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    out = torch.zeros(batch, hq, max_blocks * block_size, dtype=torch.float32, device=q.device)
+    cu = (torch.arange(batch + 1) if cu_seqlens_q is None else cu_seqlens_q).long().tolist()
+    for b in range(batch):
+        q0, q1 = cu[b], cu[b + 1]
+        n, length = q1 - q0, min(int(seq_lens[b]), max_blocks * block_size)
+        if n <= 0 or length <= 0:
+            continue
+        pos = torch.arange(length - n, length, device=q.device)
+        t = torch.arange(length, device=q.device)
+        blk = block_tables[b].long()[t // block_size]
+        k = key_cache[blk, t % block_size].to(compute_dtype).repeat_interleave(group, dim=1)   # [L, hq, d]
+        s = torch.einsum("ihd,thd->hit", q[q0:q1].to(compute_dtype), k) * scale                # [hq, n, L]
+        valid = t[None, :] <= pos[:, None]
+        if sliding_window is not None:
+            valid &= t[None, :] > pos[:, None] - int(sliding_window)
+        p = torch.exp(s - lse[q0:q1].to(compute_dtype).t()[:, :, None])
+        out[b, :, :length] = torch.where(valid[None], p, 0.0).sum(1).float()
+    return out
+
 # ----------------------------------------------------------------------------------------------------
 # Vectorised paged attention: what the attention ops and PagedAttentionPlan run where the Triton kernels
 # do not (CPU tensors without the interpreter, ``backend("reference")``). Same semantics as the two
