@@ -21,46 +21,35 @@ pinned while the request runs and released together, the two differ only at a re
 
 Because a running request's blocks are pinned, a capacity smaller than the largest request's block
 count cannot serve the trace and is refused before any work starts.
+
+Engines. ``engine="python"`` drives the policy objects through ``PrefixCacheReplay``, one Python call per
+block reference (the reference, and the only engine for policy instances, policies with an
+``on_request`` hook and Belady's). ``engine="compiled"`` runs the policy's numba kernel
+(``kvtriton.replay.compiled``: LRU, FIFO, SIEVE, S3-FIFO, ARC, LFU and GDSF, with their constructor
+keyword arguments) over the trace as flat arrays, with exactly the same hits, token hits and evictions,
+an order of magnitude faster; it raises ValueError when that is not possible. ``engine="auto"`` (the
+default) takes the kernel when there is one and numba works, else Python. Every result says which ran
+in ``engine``: ``"compiled"``, ``"python"``, or ``"python-fallback"`` (a kernel exists but could not be
+used; ``engine_note`` says why).
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Sequence
+
+import numpy as np
 
 from ..checks import check_int
 from ..policies import available_policies, canonical_name, make_policy
 from ..policies.base import EvictionPolicy as _Base
 from ..policies.prefix_replay import RELEASE_ORDERS as ORDERS, PrefixCacheReplay
+from . import compiled as _compiled
+from .flat_trace import FlatTrace, prepare_trace
 
-
-def _prepare(requests):
-    """Validate ``requests``; return them as a sequence and ``[(hash_ids, block_tokens, token_refs)]``."""
-    if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
-        try:
-            requests = list(requests)
-        except TypeError:
-            raise ValueError("requests must be a sequence of Request records") from None
-    if len(requests) == 0:
-        raise ValueError("requests is empty: the trace has no requests to replay")
-    prepared = []
-    for i, r in enumerate(requests):
-        try:
-            ids = tuple(r.hash_ids)
-            length = r.input_length
-            bt = getattr(r, "block_tokens", 512)
-        except AttributeError:
-            raise ValueError(f"requests[{i}] is not a Request record (needs hash_ids and input_length)") from None
-        check_int(f"requests[{i}].input_length", length, 0, allowed="a non-negative int")
-        check_int(f"requests[{i}].block_tokens", bt, 1, allowed="a positive int")
-        n = len(ids)
-        last = length - bt * (n - 1) if n else 0
-        if n and not 1 <= last <= bt:
-            last = bt  # the record's length disagrees with its blocks: count whole blocks
-        prepared.append((ids, bt, bt * (n - 1) + last if n else 0))
-    return requests, prepared
+ENGINES = _compiled.ENGINES
 
 
 def _check_capacity(capacity, max_blocks):
@@ -74,7 +63,14 @@ def _check_capacity(capacity, max_blocks):
     return capacity
 
 
-def _make(policy, capacity, prepared, policy_kwargs):
+def _check_common(order, engine):
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+
+
+def _make(policy, capacity, trace, policy_kwargs):
     if isinstance(policy, _Base):
         if len(policy):
             raise ValueError("policy must be empty (a fresh instance); it holds "
@@ -84,65 +80,130 @@ def _make(policy, capacity, prepared, policy_kwargs):
     kwargs = dict(policy_kwargs or {})
     kwargs.setdefault("capacity", capacity)
     if name == "belady" and "future" not in kwargs:
-        future = []
-        for ids, _, _ in prepared:
-            future.extend(ids)
-        kwargs["future"] = future
+        kwargs["future"] = list(itertools.chain.from_iterable(r.hash_ids for r in trace.requests))
     return make_policy(name, **kwargs)
 
 
+def _choose(policy, capacity, policy_kwargs, engine, trace):
+    """The engine plan of one run: ``("compiled", kernel args)``, ``("python", None)`` or
+    ``("python-fallback", why)``; ValueError when ``engine="compiled"`` cannot be honoured."""
+    if engine == "python":
+        return ("python", None)
+    if isinstance(policy, _Base):
+        why, natural = "a policy instance replays in Python (pass its registered name instead)", True
+    else:
+        name = canonical_name(policy)
+        natural = name not in _compiled.KERNEL_POLICIES
+        if natural:
+            why = _compiled.kernel_args(name, None, capacity)
+        else:
+            kwargs = dict(policy_kwargs or {})
+            kwargs.setdefault("capacity", capacity)
+            probe = make_policy(name, **kwargs)  # validates the keyword arguments as the Python path does
+            why = _compiled.kernel_args(name, probe, capacity)
+            if not isinstance(why, str):
+                args = why
+                why = _compiled.ensure_compiled(name, args) or _dense_problem(trace)
+                if why is None:
+                    return ("compiled", args)
+    if engine == "compiled":
+        raise ValueError(f"engine='compiled' is not possible here: {why}; policies with a compiled kernel: "
+                         f"{', '.join(_compiled.KERNEL_POLICIES)}")
+    return ("python", None) if natural else ("python-fallback", why)
+
+
+def _has_hook(pol):
+    return type(pol).on_request is not _Base.on_request
+
+
+def _dense_problem(trace):
+    try:
+        trace.dense_keys()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _python_replay(pol, cap, order, trace):
+    """Drive ``pol`` through ``PrefixCacheReplay``; per request: prefix hits, evictions so far, resident."""
+    want_context = _has_hook(pol)
+    cache = PrefixCacheReplay(pol, cap, context=want_context, release=order)
+    step, res = cache.step, cache.resident
+    hits, evictions, resident = [], [], []
+    for r in trace.requests:
+        ids = r.hash_ids
+        if type(ids) is not tuple:
+            ids = tuple(ids)
+        hits.append(step(ids, r if want_context else None))
+        evictions.append(cache.evictions)
+        resident.append(len(res))
+    return np.array(hits, np.int64), np.array(evictions, np.int64), np.array(resident, np.int64)
+
+
+def _summarize(trace: FlatTrace, hits, evictions, resident, cap, sample_every):
+    """Totals (plain ints and floats) and the optional series from the per-request arrays."""
+    token_hits = np.where(hits == trace.lengths, trace.token_refs, trace.block_tokens * hits)
+    h, refs = int(hits.sum()), trace.num_references
+    th, tr = int(token_hits.sum()), int(trace.token_refs.sum())
+    ev = int(evictions[-1]) if len(evictions) else 0
+    hit_rate = h / refs if refs else 0.0
+    out = {"capacity_blocks": cap, "hits": h, "references": refs, "hit_rate": hit_rate, "token_hits": th,
+           "token_references": tr, "token_hit_rate": th / tr if tr else 0.0, "miss_ratio": 1.0 - hit_rate,
+           "evictions": ev, "requests": len(trace)}
+    if sample_every:
+        ch, ct, ctr = np.cumsum(hits), np.cumsum(token_hits), np.cumsum(trace.token_refs)
+        series = []
+        for idx in range(sample_every - 1, len(trace), sample_every):
+            a, b = int(ch[idx]), int(trace.offsets[idx + 1])
+            c, d = int(ct[idx]), int(ctr[idx])
+            series.append({"requests": idx + 1, "hit_rate": a / b if b else 0.0,
+                           "token_hit_rate": c / d if d else 0.0,
+                           "occupancy": int(resident[idx]) / cap if cap else float("nan"),
+                           "evictions": int(evictions[idx])})
+        out["series"] = series
+    return out
+
+
 def simulate(requests, policy, capacity_blocks, *, order: str = "prefix", sample_every: int | None = None,
-             policy_kwargs: dict | None = None, _prepared=None) -> dict:
-    """Replay ``requests`` (Request records) through one policy at one capacity.
+             policy_kwargs: dict | None = None, engine: str = "auto", _prepared=None, _plan=None) -> dict:
+    """Replay ``requests`` (Request records, or a ``FlatTrace`` from ``prepare_trace`` to reuse across
+    runs) through one policy at one capacity.
 
     ``policy``: a registered name (``available_policies()``) or a fresh ``EvictionPolicy``;
     ``capacity_blocks``: cache size in blocks (None: unlimited); ``order``: ``"prefix"`` or
     ``"forward"`` (see the module docstring); ``sample_every``: add ``"series"``, a list with one dict
     per ``sample_every`` requests (``requests``, ``hit_rate`` and ``token_hit_rate`` so far,
-    ``occupancy`` = resident blocks / capacity, ``evictions``).
+    ``occupancy`` = resident blocks / capacity, ``evictions``); ``policy_kwargs``: the policy's
+    constructor arguments; ``engine``: ``"auto"``, ``"python"`` or ``"compiled"`` (module docstring).
 
     Returns a dict of plain numbers: ``policy``, ``capacity_blocks``, ``hits``, ``references``,
     ``hit_rate`` (hits / references), ``token_hits``, ``token_references``, ``token_hit_rate``,
-    ``miss_ratio`` (1 - hit_rate), ``evictions``, ``requests``, ``seconds``.
+    ``miss_ratio`` (1 - hit_rate), ``evictions``, ``requests``, ``seconds`` (the replay alone), ``engine``
+    and, after a fallback, ``engine_note``.
     """
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    _check_common(order, engine)
     check_int("sample_every", sample_every, 1, allow_none=True, allowed="a positive int or None")
     if _prepared is None:
-        requests, prepared = _prepare(requests)
+        _prepared = requests if isinstance(requests, FlatTrace) else prepare_trace(requests)
+    trace = _prepared
+    cap = _check_capacity(capacity_blocks, trace.max_blocks)
+    plan = _plan if _plan is not None else _choose(policy, cap, policy_kwargs, engine, trace)
+    if plan[0] == "compiled":
+        name = canonical_name(policy)
+        t0 = time.perf_counter()
+        arrays = _compiled.run_kernel(name, trace, cap, order, plan[1])
     else:
-        prepared = _prepared
-    max_blocks = max(len(p[0]) for p in prepared)
-    cap = _check_capacity(capacity_blocks, max_blocks)
-    pol = _make(policy, cap, prepared, policy_kwargs)
-    want_context = type(pol).on_request is not _Base.on_request
-    records = requests if want_context else None
-
-    t0 = time.perf_counter()
-    cache = PrefixCacheReplay(pol, cap, context=want_context, release=order)
-    step, res = cache.step, cache.resident
-    hits = refs = tok_hits = tok_refs = 0
-    series = [] if sample_every else None
-    for idx, (ids, bt, ntok) in enumerate(prepared):
-        h = step(ids, records[idx] if want_context else None)
-        n = len(ids)
-        hits += h
-        refs += n
-        tok_refs += ntok
-        tok_hits += ntok if h == n else bt * h
-        if series is not None and (idx + 1) % sample_every == 0:
-            series.append({"requests": idx + 1, "hit_rate": hits / refs if refs else 0.0,
-                           "token_hit_rate": tok_hits / tok_refs if tok_refs else 0.0,
-                           "occupancy": len(res) / cap if cap else float("nan"), "evictions": cache.evictions})
+        pol = _make(policy, cap, trace, policy_kwargs)
+        name = pol.name
+        t0 = time.perf_counter()
+        arrays = _python_replay(pol, cap, order, trace)
     seconds = time.perf_counter() - t0
-    evictions = cache.evictions
-    hit_rate = hits / refs if refs else 0.0
-    out = {"policy": pol.name, "capacity_blocks": cap, "hits": hits, "references": refs,
-           "hit_rate": hit_rate, "token_hits": tok_hits, "token_references": tok_refs,
-           "token_hit_rate": tok_hits / tok_refs if tok_refs else 0.0, "miss_ratio": 1.0 - hit_rate,
-           "evictions": evictions, "requests": len(prepared), "seconds": seconds}
-    if series is not None:
-        out["series"] = series
+    out = {"policy": name, **_summarize(trace, *arrays, cap, sample_every), "seconds": seconds,
+           "engine": plan[0]}
+    if plan[0] == "python-fallback":
+        out["engine_note"] = plan[1]
+    if sample_every:
+        out["series"] = out.pop("series")
     return out
 
 
@@ -151,32 +212,25 @@ _JOB_STATE: dict = {}
 
 
 def _run_job(job):
-    name, cap, order, kwargs = job
-    st = _JOB_STATE
-    return simulate(st["requests"], name, cap, order=order, policy_kwargs=kwargs, _prepared=st["prepared"])
+    name, cap, order, kwargs, plan = job
+    return simulate(None, name, cap, order=order, policy_kwargs=kwargs, _prepared=_JOB_STATE["trace"],
+                    _plan=plan)
 
 
 def _init_worker(state):
     _JOB_STATE.update(state)
 
 
-# Rough relative cost per reference, to start the slowest jobs first.
+# Rough relative cost per reference, to start the slowest jobs first (compiled runs cost a tenth).
 _COST = {"belady": 4, "prefix_aware": 12, "kv_hawkeye": 5, "lfu": 3, "gdsf": 3, "arc": 2, "s3fifo": 2, "sieve": 2}
 
 
-def miss_ratio_curve(requests, policies=None, capacities=(1000, 3000, 10000, 20000, 30000, 50000), *,
-                     order: str = "prefix", progress: bool = True, workers: int | None = None,
-                     policy_kwargs: dict | None = None):
-    """Hit rate of every policy at every capacity, as a pandas DataFrame (one row per pair).
+def _job_cost(job):
+    return _COST.get(job[0], 1) * job[1] * (0.1 if job[4][0] == "compiled" else 1.0)
 
-    ``policies``: registered names or aliases (default: all); ``capacities``: positive ints, each at least
-    the largest request's block count; ``workers``: processes (None: one per CPU, 0 or 1: in this process);
-    ``policy_kwargs``: ``{name: {constructor kwargs}}``. Columns: ``policy``, ``capacity_blocks``,
-    ``hit_rate``, ``token_hit_rate``, ``miss_ratio``, ``evictions``, ``hits``, ``references``,
-    ``token_hits``, ``token_references``, ``requests``, ``seconds``; rows sorted by policy, capacity.
-    """
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+
+def _check_curve_args(policies, capacities, order, engine, workers):
+    _check_common(order, engine)
     if policies is None:
         policies = available_policies()
     if isinstance(policies, str):
@@ -189,24 +243,51 @@ def miss_ratio_curve(requests, policies=None, capacities=(1000, 3000, 10000, 200
     capacities = list(capacities)
     if not capacities:
         raise ValueError("capacities is empty: give at least one capacity in blocks")
-    requests, prepared = _prepare(requests)
-    max_blocks = max(len(p[0]) for p in prepared)
+    check_int("workers", workers, 0, allow_none=True, allowed="a non-negative int or None")
+    return list(dict.fromkeys(names)), capacities
+
+
+def miss_ratio_curve(requests, policies=None, capacities=(1000, 3000, 10000, 20000, 30000, 50000), *,
+                     order: str = "prefix", progress: bool = True, workers: int | None = None,
+                     policy_kwargs: dict | None = None, engine: str = "auto"):
+    """Hit rate of every policy at every capacity, as a pandas DataFrame (one row per pair).
+
+    ``requests``: Request records or a ``FlatTrace``; ``policies``: registered names or aliases (default: all); ``capacities``: positive ints, each at least
+    the largest request's block count; ``workers``: processes (None: one per CPU, 0 or 1: in this process);
+    ``policy_kwargs``: ``{name: {constructor kwargs}}``; ``engine``: as for ``simulate``. The trace is
+    prepared (and the kernels compiled) once here, before the workers fork, which share it. Columns:
+    ``policy``, ``capacity_blocks``, ``hit_rate``, ``token_hit_rate``, ``miss_ratio``, ``evictions``,
+    ``hits``, ``references``, ``token_hits``, ``token_references``, ``requests``, ``seconds``, ``engine``
+    (and ``engine_note`` when a run fell back to Python); rows sorted by policy, capacity.
+    """
+    names, capacities = _check_curve_args(policies, capacities, order, engine, workers)
+    trace = requests if isinstance(requests, FlatTrace) else prepare_trace(requests)
     for c in capacities:
         if c is None:
             raise ValueError("capacities must be positive ints; use simulate(..., None) for an unlimited cache")
-        _check_capacity(c, max_blocks)
-    check_int("workers", workers, 0, allow_none=True, allowed="a non-negative int or None")
+        _check_capacity(c, trace.max_blocks)
     kw = {canonical_name(k): v for k, v in (policy_kwargs or {}).items()}
     import pandas as pd
 
-    jobs = [(n, c, order, kw.get(n)) for n in dict.fromkeys(names) for c in capacities]
-    jobs.sort(key=lambda j: -_COST.get(j[0], 1) * j[1])
+    jobs = [(n, c, order, kw.get(n), _choose(n, c, kw.get(n), engine, trace)) for n in names for c in capacities]
+    jobs.sort(key=lambda j: -_job_cost(j))
     if workers is None:
         workers = os.cpu_count() or 1
     workers = max(1, min(workers, len(jobs)))
-    bar = _progress(len(jobs), progress)
+    rows = _run_jobs(jobs, workers, {"trace": trace}, _progress(len(jobs), progress))
+    df = pd.DataFrame(rows)
+    rank = {n: i for i, n in enumerate(names)}
+    df["_r"] = df["policy"].map(rank)
+    df = df.sort_values(["_r", "capacity_blocks"]).drop(columns="_r").reset_index(drop=True)
+    cols = ["policy", "capacity_blocks", "hit_rate", "token_hit_rate", "miss_ratio", "evictions", "hits",
+            "references", "token_hits", "token_references", "requests", "seconds", "engine"]
+    if "engine_note" in df.columns:
+        cols.append("engine_note")
+    return df[cols]
+
+
+def _run_jobs(jobs, workers, state, bar):
     rows = []
-    state = {"requests": requests, "prepared": prepared}
     try:
         if workers == 1:
             _JOB_STATE.update(state)
@@ -225,13 +306,7 @@ def miss_ratio_curve(requests, policies=None, capacities=(1000, 3000, 10000, 200
                     bar.update(1)
     finally:
         bar.close()
-    df = pd.DataFrame(rows)
-    rank = {n: i for i, n in enumerate(dict.fromkeys(names))}
-    df["_r"] = df["policy"].map(rank)
-    df = df.sort_values(["_r", "capacity_blocks"]).drop(columns="_r").reset_index(drop=True)
-    cols = ["policy", "capacity_blocks", "hit_rate", "token_hit_rate", "miss_ratio", "evictions", "hits",
-            "references", "token_hits", "token_references", "requests", "seconds"]
-    return df[cols]
+    return rows
 
 
 class _NoBar:
