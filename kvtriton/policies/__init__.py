@@ -17,8 +17,9 @@ from .sieve import SievePolicy
 from .belady import BeladyPolicy
 from .prefix_aware import PrefixAwarePolicy
 from .kv_hawkeye import KVHawkeyePolicy
+from .session_aware import SessionAwarePolicy
 
 __all__ = ["EvictionPolicy", "Key", "available_policies", "canonical_name", "make_policy", "offline_policies",
            "register_policy",
            "LRUPolicy", "FIFOPolicy", "LFUPolicy", "GDSFPolicy", "ARCPolicy", "S3FIFOPolicy", "SievePolicy",
-           "BeladyPolicy", "PrefixAwarePolicy", "KVHawkeyePolicy"]
+           "BeladyPolicy", "PrefixAwarePolicy", "KVHawkeyePolicy", "SessionAwarePolicy"]
