@@ -64,10 +64,10 @@ def test_evicts_the_session_least_likely_to_return_tail_first():
         t += 50.0
     for k in list(p._owner):
         p.remove(k)
-    _serve(p, "end", t, "end_turn", [("end", i) for i in range(3)])
-    _serve(p, "tool", t + 1.0, "tool_use", [("tool", i) for i in range(3)])
+    _serve(p, "tool", t, "tool_use", [("tool", i) for i in range(3)])
+    _serve(p, "end", t + 1.0, "end_turn", [("end", i) for i in range(3)])
     _serve(p, "new", t + 2.0, "tool_use", [("new", 0)])
-    # the end_turn session goes first (LRU would take it too: it is the oldest), from its tail
+    # the end_turn session goes first (LRU would take the older tool session), from its tail
     assert [p.victim() for _ in range(3)] == [("end", 2), ("end", 1), ("end", 0)]
     assert p.victim()[0] in ("tool", "new")
 
