@@ -5,8 +5,8 @@ per request, its prefix hits, the evictions so far and the resident keys after i
 policies driven by ``PrefixCacheReplay`` would (the Python policies are the reference):
 
 - ``lists.py``: LRU, FIFO, SIEVE (doubly linked lists in index arrays);
-- ``multiqueue.py``: S3-FIFO and ARC (several queues and ghost queues over one pair of link arrays);
-- ``heaps.py``: LFU and GDSF (an indexed binary heap ordered as the Python heap policies order).
+- ``multiqueue.py``: S3-FIFO and ARC (ring buffers, lazy ghost queues and linked lists);
+- ``heaps.py``: LFU and GDSF (a bucket queue ordered as the Python heap policies order).
 
 numba is imported only when a kernel is about to run, so ``kvtriton`` imports without it.
 """

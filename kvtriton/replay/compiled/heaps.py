@@ -2,16 +2,20 @@
 
 The Python heap holds entries ``(priority, stamp, key)`` with a stamp that grows with every push, so no
 two entries tie and the victim is always the unpinned resident key of least ``(priority, stamp)`` of its
-live entry, whatever the heap's shape and however its dead entries are cleaned. This kernel keeps the
-same order in an indexed binary min-heap:
+live entry, whatever the heap's shape and however its dead entries are cleaned. With unit sizes and
+costs every priority is a whole number (the age starts at 0 and only takes entries' priorities, and an
+entry's priority is the age plus a count), so this kernel keeps the same order in a bucket queue:
 
-- slot arrays ``hkey`` (int32), ``hprio`` (float64), ``hstamp`` (int64) of length ``heap_capacity``, plus
-  ``pos`` (int32 per key: the key's slot, -1 when it has no entry) and ``size`` (``hn[0]``);
-- an entry carries the priority and stamp it was pushed with. A hit pins the key and changes its current
-  priority (``prio``) but leaves the entry, as the Python policy leaves its heap entry; a victim search
-  that meets a pinned key at the top drops its entry (the Python policy pops and skips it); releasing
-  the last pin gives the key a new stamp and its current priority, in place or as a new entry (the
-  Python policy pushes a fresh one and the old one dies).
+- one bucket per priority value, a linked list of the keys whose entry has that priority, in stamp order
+  (a key's new entry always has the newest stamp, so it goes to the back): ``bhead``/``btail`` (int32,
+  a power-of-two ring indexed by the priority modulo its length), ``eprev``/``enext`` (int32 per key),
+  ``epr`` (float64 per key, the entry's priority, 0 when the key has no entry: priorities are at least 1);
+- ``st``: int64 [a lower bound of the live priorities (the cursor), the highest priority set]; the ring
+  is regrown whenever these two span its length, so that all live priorities have distinct buckets;
+- an entry carries the priority it was set with. A hit pins the key and changes its current priority
+  (``prio``) but leaves the entry, as the Python policy leaves its heap entry; a victim search that meets
+  a pinned key first drops its entry (the Python policy pops and skips it); releasing the last pin gives
+  the key a new stamp and its current priority (the Python policy pushes a fresh one, the old one dies).
 
 Priorities are computed in the same float operations as the policies: LFU ``(age + f) + 1`` on a hit
 (``f`` the old count), GDSF ``inflation + f / 1`` (``f`` the new count); both ``age + 1`` on insert, and
@@ -27,86 +31,89 @@ from .lists import new_outputs, prefix_hits, release_index
 
 
 @njit(cache=True, inline="always")
-def _place(hkey, hprio, hstamp, pos, i, k, prio, stamp):
-    hkey[i] = k
-    hprio[i] = prio
-    hstamp[i] = stamp
-    pos[k] = i
+def _bq_unlink(bhead, btail, eprev, enext, epr, k):
+    b = np.int64(epr[k]) & (bhead.size - 1)
+    a = eprev[k]
+    c = enext[k]
+    if a >= 0:
+        enext[a] = c
+    else:
+        bhead[b] = c
+    if c >= 0:
+        eprev[c] = a
+    else:
+        btail[b] = a
 
 
 @njit(cache=True, inline="always")
-def _sift_up(hkey, hprio, hstamp, pos, i, k, prio, stamp):
-    """Put entry ``(prio, stamp)`` of key ``k`` at hole ``i`` or above it; return whether it moved."""
-    start = i
-    while i > 0:
-        parent = (i - 1) >> 1
-        pp = hprio[parent]
-        if prio < pp or (prio == pp and stamp < hstamp[parent]):
-            _place(hkey, hprio, hstamp, pos, i, hkey[parent], pp, hstamp[parent])
-            i = parent
-        else:
-            break
-    _place(hkey, hprio, hstamp, pos, i, k, prio, stamp)
-    return i != start
+def _bq_append(bhead, btail, eprev, enext, epr, k, prio):
+    epr[k] = prio
+    b = np.int64(prio) & (bhead.size - 1)
+    t = btail[b]
+    eprev[k] = t
+    enext[k] = -1
+    if t >= 0:
+        enext[t] = k
+    else:
+        bhead[b] = k
+    btail[b] = k
+
+
+@njit(cache=True)
+def _bq_regrow(bhead, btail, eprev, enext, epr, span):
+    """The buckets moved to a ring of at least ``span + 1`` slots, each bucket's order kept."""
+    size = bhead.size
+    while size <= span:
+        size *= 2
+    nh = np.full(size, -1, np.int32)
+    nt = np.full(size, -1, np.int32)
+    for b in range(bhead.size):
+        k = bhead[b]
+        while k >= 0:
+            nxt = enext[k]
+            _bq_append(nh, nt, eprev, enext, epr, k, epr[k])
+            k = nxt
+    return nh, nt
 
 
 @njit(cache=True, inline="always")
-def _sift_down(hkey, hprio, hstamp, pos, i, n, k, prio, stamp):
-    """Put entry ``(prio, stamp)`` of key ``k`` at hole ``i`` or below it, in a heap of ``n`` slots."""
+def _set_entry(bhead, btail, eprev, enext, epr, st, k, prio):
+    """Give key ``k`` the entry of priority ``prio`` and the newest stamp; return the (maybe regrown)
+    bucket arrays."""
+    if epr[k] > 0.0:
+        _bq_unlink(bhead, btail, eprev, enext, epr, k)
+    p = np.int64(prio)
+    if p < st[0]:
+        st[0] = p
+    if p > st[1]:
+        st[1] = p
+    if st[1] - st[0] >= bhead.size:
+        bhead, btail = _bq_regrow(bhead, btail, eprev, enext, epr, st[1] - st[0])
+    _bq_append(bhead, btail, eprev, enext, epr, k, prio)
+    return bhead, btail
+
+
+@njit(cache=True, inline="always")
+def _heap_victim(pins, bhead, btail, eprev, enext, epr, st, age):
+    """Drop least entries until an unpinned key comes up; evict it and set the age to its priority."""
+    mask = bhead.size - 1
     while True:
-        c = 2 * i + 1
-        if c >= n:
-            break
-        cp, cs = hprio[c], hstamp[c]
-        if c + 1 < n:
-            rp, rs = hprio[c + 1], hstamp[c + 1]
-            if rp < cp or (rp == cp and rs < cs):
-                c += 1
-                cp, cs = rp, rs
-        if cp < prio or (cp == prio and cs < stamp):
-            _place(hkey, hprio, hstamp, pos, i, hkey[c], cp, cs)
-            i = c
-        else:
-            break
-    _place(hkey, hprio, hstamp, pos, i, k, prio, stamp)
-
-
-@njit(cache=True, inline="always")
-def _pop_top(hkey, hprio, hstamp, pos, hn, top):
-    """Remove the least entry; return its key, its priority in ``top[0]``."""
-    n = hn[0] - 1
-    k = hkey[0]
-    top[0] = hprio[0]
-    pos[k] = -1
-    hn[0] = n
-    if n > 0:
-        _sift_down(hkey, hprio, hstamp, pos, 0, n, hkey[n], hprio[n], hstamp[n])
-    return k
-
-
-@njit(cache=True, inline="always")
-def _set_entry(hkey, hprio, hstamp, pos, hn, k, prio, stamp):
-    """Give key ``k`` the entry ``(prio, stamp)``: a new one, or its old one moved into place."""
-    i = pos[k]
-    if i < 0:
-        i = hn[0]
-        hn[0] = i + 1
-    if not _sift_up(hkey, hprio, hstamp, pos, i, k, prio, stamp):
-        _sift_down(hkey, hprio, hstamp, pos, i, hn[0], k, prio, stamp)
-
-
-@njit(cache=True, inline="always")
-def _heap_victim(pins, hkey, hprio, hstamp, pos, hn, age):
-    """Pop entries until an unpinned key comes up; evict it and set the age to its entry's priority."""
-    while True:
-        k = _pop_top(hkey, hprio, hstamp, pos, hn, age)
+        cur = st[0]
+        while bhead[cur & mask] < 0:
+            cur += 1
+        st[0] = cur
+        k = bhead[cur & mask]
+        _bq_unlink(bhead, btail, eprev, enext, epr, k)
         if pins[k] == 0:
+            age[0] = epr[k]
+            epr[k] = 0.0
             return k
+        epr[k] = 0.0
 
 
 @njit(cache=True, inline="always")
-def _heap_request(keys, lo, hi, capacity, reverse, gdsf, res, pins, freq, prio, hkey, hprio, hstamp, pos, hn,
-                  age, clock, cnt):
+def _heap_request(keys, lo, hi, capacity, reverse, gdsf, res, pins, freq, prio, bhead, btail, eprev, enext,
+                  epr, st, age, cnt):
     for i in range(lo, hi):
         k = keys[i]
         if res[k]:
@@ -119,7 +126,7 @@ def _heap_request(keys, lo, hi, capacity, reverse, gdsf, res, pins, freq, prio, 
             pins[k] += 1
         else:
             if cnt[0] >= capacity:
-                v = _heap_victim(pins, hkey, hprio, hstamp, pos, hn, age)
+                v = _heap_victim(pins, bhead, btail, eprev, enext, epr, st, age)
                 res[v] = 0
                 cnt[0] -= 1
                 cnt[1] += 1
@@ -132,32 +139,32 @@ def _heap_request(keys, lo, hi, capacity, reverse, gdsf, res, pins, freq, prio, 
         k = keys[release_index(lo, hi, j, reverse)]
         pins[k] -= 1
         if pins[k] == 0:
-            clock[0] += 1
-            _set_entry(hkey, hprio, hstamp, pos, hn, k, prio[k], clock[0])
+            bhead, btail = _set_entry(bhead, btail, eprev, enext, epr, st, k, prio[k])
+    return bhead, btail
 
 
 @njit(cache=True)
 def heap_replay(keys, offsets, num_keys, capacity, reverse, gdsf, heap_capacity):
-    """LFU-DA (``gdsf`` False) or GDSF with unit sizes and costs (``gdsf`` True); ``heap_capacity``: at
-    least the most keys ever resident (the cache's capacity, or the number of keys when unlimited)."""
+    """LFU-DA (``gdsf`` False) or GDSF with unit sizes and costs (``gdsf`` True); ``heap_capacity`` (the
+    most keys ever resident) is not needed by the bucket queue and kept for the callers."""
     res = np.zeros(num_keys, np.uint8)
     pins = np.zeros(num_keys, np.int32)
     freq = np.zeros(num_keys, np.int64)
     prio = np.zeros(num_keys, np.float64)
-    pos = np.full(num_keys, -1, np.int32)
-    hkey = np.zeros(heap_capacity, np.int32)
-    hprio = np.zeros(heap_capacity, np.float64)
-    hstamp = np.zeros(heap_capacity, np.int64)
-    hn = np.zeros(1, np.int64)
+    eprev = np.full(num_keys, -1, np.int32)
+    enext = np.full(num_keys, -1, np.int32)
+    epr = np.zeros(num_keys, np.float64)
+    bhead = np.full(64, -1, np.int32)
+    btail = np.full(64, -1, np.int32)
+    st = np.zeros(2, np.int64)
     age = np.zeros(1, np.float64)
-    clock = np.zeros(1, np.int64)
     cnt = np.zeros(2, np.int64)
     hits, evictions, resident = new_outputs(offsets)
     for r in range(offsets.size - 1):
         lo, hi = offsets[r], offsets[r + 1]
         hits[r] = prefix_hits(keys, lo, hi, res)
-        _heap_request(keys, lo, hi, capacity, reverse, gdsf, res, pins, freq, prio, hkey, hprio, hstamp, pos,
-                      hn, age, clock, cnt)
+        bhead, btail = _heap_request(keys, lo, hi, capacity, reverse, gdsf, res, pins, freq, prio, bhead, btail,
+                                     eprev, enext, epr, st, age, cnt)
         evictions[r] = cnt[1]
         resident[r] = cnt[0]
     return hits, evictions, resident
