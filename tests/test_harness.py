@@ -179,6 +179,9 @@ BAD = [
     (["replay=fast", "pool.capacity_blocks=1"], ["pool.capacity_blocks=1", "at least"]),
     ("pool.capacity_blocks=2", ["pool.capacity_blocks=2", "at least", "replay.max_input_tokens"]),
     (["pool=budget", "pool.budget_mb=0.001"], ["pool.budget_mb", "at least"]),
+    # the model mode needs the served model's blocks (SmolLM2: 720 KiB each), not the preset's (32 KiB)
+    (["replay.compute=model", "replay.hf_model=smollm2", "pool=budget", "pool.budget_mb=4"],
+     ["pool.budget_mb", "at least 27", "smollm2"]),
 ]
 if not __import__("torch").cuda.is_available():
     BAD += [("replay.device=cuda:0", ["replay.device='cuda:0'", "auto, cpu"]),

@@ -74,6 +74,24 @@ def test_config_checks_compute_and_model():
     DeviceReplayConfig(compute="model", hf_model="random:llama-3-8b").validate()
 
 
+def test_model_kv_spec_is_the_served_models_shape_without_loading_it(tmp_path):
+    import torch
+
+    from kvtriton.replay.model_replay import model_kv_spec, random_model_config
+
+    s = model_kv_spec("smollm2")
+    assert (s.num_layers, s.num_kv_heads, s.head_dim, s.num_q_heads, s.block_size) == (30, 3, 64, 9, 16)
+    assert s.dtype == torch.float32 and s.bytes_per_block == 30 * 2 * 16 * 3 * 64 * 4
+    r = model_kv_spec("random:llama-3-8b", block_size=32, dtype="bfloat16", num_layers=2)
+    c = random_model_config("llama-3-8b", 2)
+    assert (r.num_layers, r.num_kv_heads, r.head_dim, r.block_size) == (2, c.num_key_value_heads, c.head_dim, 32)
+    (tmp_path / "config.json").write_text('{"num_attention_heads": 8, "num_key_value_heads": 2, '
+                                          '"hidden_size": 256, "num_hidden_layers": 4}')
+    t = model_kv_spec(str(tmp_path))
+    assert (t.num_layers, t.num_kv_heads, t.head_dim, t.num_q_heads) == (4, 2, 32, 8)
+    assert model_kv_spec(str(tmp_path / "missing")) is None
+
+
 def test_cost_model_summary_says_so():
     s = replay_device(_shared_prefix_requests(3), "tiny", "lru", capacity_blocks=32,
                       config=DeviceReplayConfig(device="cpu", step_time_s=0.01)).summary

@@ -157,6 +157,15 @@ def check_capacity(cfg: DictConfig, requests: list) -> None:
 _NEEDS: "OrderedDict[str, list]" = OrderedDict()  # a sweep over capacities and policies computes each once
 
 
+def _model_mode_specs(dcfg):
+    """``{name: spec}`` of the model the model mode serves (``replay.hf_model``), or None when its shape
+    cannot be known without loading it."""
+    from kvtriton.replay.model_replay import model_kv_spec
+
+    spec = model_kv_spec(dcfg.hf_model, block_size=dcfg.block_size, dtype=dcfg.dtype, num_layers=dcfg.num_layers)
+    return None if spec is None else {spec.name: spec}
+
+
 def _device_needs(cfg: DictConfig, requests: list) -> list[tuple[str, int, int, str]]:
     """``(pool, blocks its largest request needs, bytes per block, explanation)`` for each model pool of
     the device replay, by the replay's own scale-down of the requests (nothing touches a device)."""
@@ -165,22 +174,28 @@ def _device_needs(cfg: DictConfig, requests: list) -> list[tuple[str, int, int, 
     name = str(cfg.workload.name)
     wname, kwargs = _workload_kwargs(cfg)
     model = None if cfg.model.preset == "per_request" else str(cfg.model.preset)
+    compute_model = str(cfg.replay.compute) == "model"
     key = json.dumps([_workload_key(wname, kwargs, cfg.replay.max_requests), model, cfg.replay.num_layers,
                       cfg.replay.dtype, cfg.replay.block_size, cfg.replay.max_input_tokens,
-                      cfg.replay.max_output_tokens], default=str)
+                      cfg.replay.max_output_tokens, compute_model and str(cfg.replay.hf_model)], default=str)
     if key in _NEEDS:
         _NEEDS.move_to_end(key)
         return _NEEDS[key]
     try:
         dcfg = device_replay_config(cfg, "cpu")
-        if model is None:
+        if compute_model:  # the engine serves the hf_model's shape, not the preset's
+            specs = _model_mode_specs(dcfg)
+            if specs is None:
+                return []
+            by_request = False
+        elif model is None:
             names = {getattr(r, "model", None) for r in requests}
             if None in names or not names:
                 raise ConfigError("model.preset", "per_request", (
                     f"a workload whose requests name their model (e.g. workload=design_mix), or one preset "
                     f"({', '.join(sorted(model_presets()))}): requests of workload {name!r} have no model"))
             specs, by_request = resolve_models({n: n for n in sorted(names, key=str)}, dcfg)
-        else:
+        elif not compute_model:
             specs, by_request = resolve_models(model, dcfg)
         seqs = prepare_sequences(requests, dcfg, specs, by_request)
     except AttributeError:  # pragma: no cover - the replay changed shape; it still refuses at run time

@@ -63,6 +63,49 @@ def random_model_config(preset: str, num_layers: int | None = None):
                        max_position_embeddings=131072, tie_word_embeddings=False)
 
 
+# The trained model's KV shape (SmolLM2-135M-Instruct), known without loading its weights.
+_SMOLLM2_SHAPE = dict(num_layers=30, num_kv_heads=3, head_dim=64, num_q_heads=9)
+
+
+def model_kv_spec(name: str, *, block_size: int | None = None, dtype=None, num_layers: int | None = None):
+    """The ``ModelSpec`` (KV shape) that ``load_model(name, ...)`` would serve, without loading weights:
+    block size ``block_size`` (default 16, the model mode's), ``dtype`` (default float32, the larger of
+    the defaults, so that a memory check errs on the safe side), ``num_layers`` (a shorter stack). For a
+    local model directory the shape comes from its ``config.json``; None when it cannot be read (the
+    replay then checks at run time)."""
+    from ..spec import ModelSpec
+
+    bs = block_size or 16
+    dt = parse_dtype(dtype) if dtype is not None else torch.float32
+    if name.startswith("random:"):
+        spec = PRESETS[name[len("random:"):]]
+        shape = dict(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                     num_q_heads=spec.num_q_heads)
+    elif name == "smollm2":
+        shape = dict(_SMOLLM2_SHAPE)
+    else:
+        shape = _local_shape(name)
+        if shape is None:
+            return None
+    if num_layers is not None:
+        shape["num_layers"] = min(num_layers, shape["num_layers"])
+    return ModelSpec(dtype=dt, block_size=bs, name=name, **shape)
+
+
+def _local_shape(path: str) -> dict | None:
+    import json
+    from pathlib import Path
+
+    try:
+        c = json.loads((Path(path) / "config.json").read_text())
+        heads = int(c["num_attention_heads"])
+        head_dim = int(c.get("head_dim") or int(c["hidden_size"]) // heads)
+        return dict(num_layers=int(c["num_hidden_layers"]), num_kv_heads=int(c.get("num_key_value_heads", heads)),
+                    head_dim=head_dim, num_q_heads=heads)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_model(name: str, device: torch.device, dtype=None, num_layers: int | None = None, seed: int = 0):
     """The model ``name`` (``"smollm2"``, ``"random:<preset>"`` or a local path) on ``device``, in eval mode;
     cached per process."""
