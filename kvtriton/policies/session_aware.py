@@ -2,7 +2,8 @@
 
 What a serving system sees online, and a generic cache does not: the session (conversation) a request
 belongs to, the stop reason of its output (``tool_use``: an agent calls back within seconds once its tool
-has run; ``end_turn``: a person answers in minutes, or never), when it arrived and the gap before it.
+has run; ``end_turn``: a person answers in minutes, or never), how long the server took to answer it
+(``meta["api_time"]``, when the record has it), when it arrived and the gap before it.
 A session's next request reuses its whole cached prefix, so every block of a session is worth about the
 same: the chance that the session returns before the block would be evicted. The policy ranks the
 sessions holding evictable blocks by :class:`~kvtriton.policies.session_return.ReturnModel`'s score
@@ -34,7 +35,7 @@ from .session_return import ReturnModel
 @register_policy("session_aware")
 class SessionAwarePolicy(EvictionPolicy):
     """See the module docstring. ``model_kwargs`` go to :class:`ReturnModel` (horizons, weights,
-    pace_edges, prior); ``fallback``: the policy for traces without session ids."""
+    pace_edges, service_edges, prior); ``fallback``: the policy for traces without session ids."""
 
     def __init__(self, capacity: int | None = None, fallback: str = "prefix_aware", **model_kwargs):
         self._capacity = check_capacity(capacity)
@@ -83,7 +84,10 @@ class SessionAwarePolicy(EvictionPolicy):
         now = float(request.arrival_s)
         self._now = max(self._now, now)
         self._current = sid
-        self.model.observe(sid, self._now, getattr(request, "stop_reason", None))
+        meta = getattr(request, "meta", None) or {}
+        service = meta.get("api_time")
+        service = float(service) if isinstance(service, (int, float)) and service >= 0 else None
+        self.model.observe(sid, self._now, getattr(request, "stop_reason", None), service)
         self._rank = None
 
     # ------------------------------------------------------------------ the policy interface

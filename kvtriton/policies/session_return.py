@@ -2,9 +2,10 @@
 
 A serving system sees, for every session (conversation), when its last request arrived, why that
 request's output stopped (``tool_use``: the agent calls back once its tool has run; ``end_turn``: it
-waits for a person) and the gap before it. :class:`ReturnModel` learns from those alone, with no
-future: a session's *class* is the stop reason of its last output and a bucket of its previous gap
-(its pace), and for an idle time ``e`` and a horizon ``H``::
+waits for a person), how long the server took to answer it (``api_time``: known when it completes) and
+the gap before it. :class:`ReturnModel` learns from those alone, with no future: a session's *class* is
+the stop reason of its last output, a bucket of its previous gap (its pace) and a bucket of its last
+service time, and for an idle time ``e`` (since its last request arrived) and a horizon ``H``::
 
     P(return within H | class, idle e) ~ returns observed in (e, e + H] / sessions at risk at e
 
@@ -12,7 +13,7 @@ where the sessions at risk are the completed gaps longer than ``e`` plus the ses
 for longer than ``e`` (they have not returned yet: censored observations, so sessions that never come
 back lower the estimate instead of vanishing from it). Classes with few observations are shrunk toward
 the pooled estimate of all classes (``prior`` pseudo-observations). The score is a weighted sum over
-horizons (default 30 s, 10 min, 2 h with weights 1, 0.1, 0.01): the short horizon ranks sessions in a
+horizons (default 15 s, 2 min, 2 h with weights 1, 0.3, 0.03): the short horizon ranks sessions in a
 tool loop, the longer ones order the sessions that are all unlikely to come back soon.
 """
 
@@ -24,6 +25,16 @@ import math
 from ..checks import check_number
 
 STOP_CLASSES = ("tool_use", "end_turn", None)
+
+
+def _edges(name: str, edges) -> tuple:
+    try:
+        edges = tuple(edges)
+    except TypeError:
+        raise ValueError(f"{name} must be increasing positive seconds, got {edges!r}") from None
+    if list(edges) != sorted(edges) or any(not (isinstance(x, (int, float)) and x > 0) for x in edges):
+        raise ValueError(f"{name} must be increasing positive seconds, got {edges!r}")
+    return edges
 
 
 class _Sorted:
@@ -71,13 +82,15 @@ class _Stats:
 class ReturnModel:
     """Per-session state and the return-probability score (see the module docstring).
 
-    ``observe(session, now, stop)`` records a request of ``session`` at time ``now`` whose output
-    stopped for ``stop``; ``score(session, now)`` is the session's weighted return probability at
-    ``now`` (higher: keep). ``pace_edges``: bucket edges in seconds for the previous gap.
+    ``observe(session, now, stop, service_s)`` records a request of ``session`` at time ``now`` whose
+    output stopped for ``stop`` after ``service_s`` seconds of server time (None: unknown);
+    ``score(session, now)`` is the session's weighted return probability at ``now`` (higher: keep).
+    ``pace_edges`` and ``service_edges``: bucket edges in seconds for the previous gap and the service
+    time.
     """
 
-    def __init__(self, horizons=(30.0, 600.0, 7200.0), weights=(1.0, 0.1, 0.01),
-                 pace_edges=(10, 20, 40, 80, 160, 320, 640), prior: float = 5.0):
+    def __init__(self, horizons=(15.0, 120.0, 7200.0), weights=(1.0, 0.3, 0.03),
+                 pace_edges=(10, 20, 40, 80, 160, 320, 640), service_edges=(5, 10, 20, 40), prior: float = 5.0):
         horizons, weights = tuple(horizons), tuple(weights)
         if not horizons or len(horizons) != len(weights):
             raise ValueError(f"horizons and weights must be non-empty and of equal length, got {len(horizons)} "
@@ -86,12 +99,10 @@ class ReturnModel:
             check_number(f"horizons[{i}]", h, positive=True, allowed="a positive number of seconds")
         for i, w in enumerate(weights):
             check_number(f"weights[{i}]", w, 0.0, allowed="a finite number >= 0")
-        edges = tuple(pace_edges)
-        if list(edges) != sorted(edges) or any(not (isinstance(x, (int, float)) and x > 0) for x in edges):
-            raise ValueError(f"pace_edges must be increasing positive seconds, got {pace_edges!r}")
+        self.pace_edges = _edges("pace_edges", pace_edges)
+        self.service_edges = _edges("service_edges", service_edges)
         check_number("prior", prior, positive=True, allowed="a positive number of pseudo-observations")
         self.terms = tuple(zip((float(h) for h in horizons), (float(w) for w in weights)))
-        self.pace_edges = edges
         self.prior = float(prior)
         self.last: dict = {}        # session -> time of its last request
         self.klass: dict = {}       # session -> (stop, pace bucket) of its last request
@@ -105,8 +116,8 @@ class ReturnModel:
             s = self._stats[k] = _Stats()
         return s
 
-    def observe(self, session, now: float, stop) -> None:
-        """``session`` sent a request at ``now``; its output stopped for ``stop``."""
+    def observe(self, session, now: float, stop, service_s: float | None = None) -> None:
+        """``session`` sent a request at ``now``; its output stopped for ``stop`` after ``service_s``."""
         last = self.last.get(session)
         if last is not None:
             gap = max(0.0, now - last)
@@ -117,7 +128,8 @@ class ReturnModel:
             self._all.gaps.add(gap)
             self._prev_gap[session] = gap
         pg = self._prev_gap.get(session)
-        k = (stop, -1 if pg is None else bisect.bisect(self.pace_edges, pg))
+        sv = -1 if service_s is None else bisect.bisect(self.service_edges, service_s)
+        k = (stop, -1 if pg is None else bisect.bisect(self.pace_edges, pg), sv)
         self.last[session] = now
         self.klass[session] = k
         self._class_stats(k).idle.add(now)
@@ -138,7 +150,7 @@ class ReturnModel:
         """What the model has learned: P(return within ``horizon`` s | stop reason, idle ``idle`` s),
         over every pace (completed gaps only; nan before any)."""
         ret = risk = 0
-        for (s, _), st in self._stats.items():
+        for (s, _, _), st in self._stats.items():
             if s == stop:
                 ret += st.gaps.count_in(idle, idle + horizon)
                 risk += st.gaps.count_above(idle)
