@@ -215,8 +215,12 @@ def _builds(cfg) -> None:
     """Validate ``cfg`` and build what a run would: the policy, the workload, the device replay's config."""
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)
-    if getattr(cfg.task, "value", cfg.task) != "replay":
-        assert adapters.bench_script(cfg.task.value).is_file()
+    task = getattr(cfg.task, "value", cfg.task)
+    if task == "token_eviction":
+        adapters.quality_config(cfg).validate()
+        return
+    if task != "replay":
+        assert adapters.bench_script(task).is_file()
         return
     make_policy(adapters.canonical_policy(cfg.policy.name), **(adapters.plain(cfg.policy.params) or {}))
     assert adapters.build_workload(cfg)
