@@ -33,7 +33,8 @@ def _steps(out: Path, quick: bool):
     q = ["--quick"] if quick else []
     return [
         ("gpu tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                       "tests/test_gpu.py", "tests/test_ops_prefill.py", "tests/test_ops_plan.py"], None, 120),
+                       "tests/test_gpu.py", "tests/test_ops_prefill.py", "tests/test_ops_plan.py",
+                       "tests/test_ops_scores.py"], None, 150),
         ("kernel benchmark", [py, "experiments/bench_kernels.py", "--out", str(out / "bench_kernels.json"), *q],
          out / "bench_kernels.json", 180),
         ("launch profile", [py, "experiments/profile_ops.py", "--out", str(out / "profile_ops.json")],
