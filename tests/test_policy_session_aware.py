@@ -81,6 +81,15 @@ def test_stale_blocks_of_a_session_go_before_its_latest_prompt():
         p.victim()
 
 
+def test_stale_blocks_of_any_session_go_before_the_ranked_sessions():
+    p = SessionAwarePolicy()
+    _serve(p, "tool", 0.0, "tool_use", ["t1", "t2", "old"])
+    _serve(p, "end", 1.0, "end_turn", ["e1"])
+    _serve(p, "tool", 2.0, "tool_use", ["t1", "t2", "t3"])      # "old" left the tool session's prompt
+    assert p.victim() == "old"                                  # before the end_turn session's block
+    assert p.victim() == "e1"
+
+
 def test_pins_nest_and_pinned_blocks_are_never_victims():
     p = SessionAwarePolicy()
     _serve(p, 1, 0.0, "end_turn", ["a", "b"])

@@ -8,9 +8,10 @@ A session's next request reuses its whole cached prefix, so every block of a ses
 same: the chance that the session returns before the block would be evicted. The policy ranks the
 sessions holding evictable blocks by :class:`~kvtriton.policies.session_return.ReturnModel`'s score
 (an online, censoring-aware estimate of the return probability given the stop reason, the session's
-pace and how long it has been idle) and evicts from the lowest-ranked one: first its stale blocks (cached
-by an earlier request, not part of its latest prompt), then its latest prompt's blocks from the tail, so
-that what stays is a prefix the session's next request can hit. Ties go to the session idle longest.
+pace and how long it has been idle) and evicts from the lowest-ranked one, its latest prompt's blocks
+from the tail, so that what stays is a prefix the session's next request can hit. Before any of that go
+the stale blocks of every session: cached by an earlier request and dropped by the session's latest
+prompt (its context changed), so that session will not hit them again; oldest first. Ties go to the session idle longest.
 
 Requests come from ``on_request`` (the replay engines and the pool pass the record): ``session_id``,
 ``arrival_s`` and ``stop_reason`` (the stop reason of that request's output: the replay completes a
@@ -49,6 +50,7 @@ class SessionAwarePolicy(EvictionPolicy):
         self._owner: dict = {}       # resident key -> session
         self._pins: dict = {}        # pinned key -> count
         self._evq: dict = {}         # session -> OrderedDict of its evictable keys, first evicted first
+        self._stale: OrderedDict = OrderedDict()  # evictable keys their session's latest prompt dropped
         self._n_evictable = 0
         self._now = 0.0
         self._current = None         # session of the request being served
@@ -88,7 +90,20 @@ class SessionAwarePolicy(EvictionPolicy):
         service = meta.get("api_time")
         service = float(service) if isinstance(service, (int, float)) and service >= 0 else None
         self.model.observe(sid, self._now, getattr(request, "stop_reason", None), service)
+        self._mark_stale(sid, keys)
         self._rank = None
+
+    def _mark_stale(self, sid, keys) -> None:
+        """The session's evictable keys that its new prompt ``keys`` does not hold will not be hit again
+        by it (its context changed): they go to the stale queue, evicted before any ranked session."""
+        q = self._evq.get(sid)
+        if not q:
+            return
+        ks = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
+        dropped = [k for k in q if k not in ks]
+        for k in dropped:
+            del q[k]
+            self._stale[k] = None
 
     # ------------------------------------------------------------------ the policy interface
     def insert(self, key: Key, size: int = 1) -> None:
@@ -127,10 +142,18 @@ class SessionAwarePolicy(EvictionPolicy):
         owner = self._owner.get(key, _MISSING)
         if owner is _MISSING:
             raise not_resident(key)
-        del self._evq[owner][key]
-        self._n_evictable -= 1
+        self._take_evictable(owner, key)
         self._owner[key] = self._current
         self._pins[key] = 1
+
+    def _take_evictable(self, owner, key) -> None:
+        """``key`` (evictable, of ``owner``) leaves the evictable keys."""
+        q = self._evq.get(owner)
+        if q is not None and key in q:
+            del q[key]
+        else:
+            del self._stale[key]
+        self._n_evictable -= 1
 
     def pin(self, key: Key) -> None:
         self._check_start()
@@ -140,8 +163,7 @@ class SessionAwarePolicy(EvictionPolicy):
         if n is not None:
             self._pins[key] = n + 1
         elif key in self._owner:
-            del self._evq[self._owner[key]][key]
-            self._n_evictable -= 1
+            self._take_evictable(self._owner[key], key)
             self._pins[key] = 1
         else:
             raise not_resident(key)
@@ -177,8 +199,7 @@ class SessionAwarePolicy(EvictionPolicy):
         if owner is _MISSING:
             raise not_resident(key)
         if self._pins.pop(key, None) is None:
-            del self._evq[owner][key]
-            self._n_evictable -= 1
+            self._take_evictable(owner, key)
 
     def victim(self) -> Key:
         self._check_start()
@@ -186,6 +207,11 @@ class SessionAwarePolicy(EvictionPolicy):
             return self._inner.victim()
         if not self._n_evictable:
             raise empty()
+        if self._stale:
+            key, _ = self._stale.popitem(last=False)
+            self._n_evictable -= 1
+            del self._owner[key]
+            return key
         while True:
             if self._rank is None or self._rank_pos >= len(self._rank):
                 self._rank = self._ranking()

@@ -13,8 +13,8 @@ where the sessions at risk are the completed gaps longer than ``e`` plus the ses
 for longer than ``e`` (they have not returned yet: censored observations, so sessions that never come
 back lower the estimate instead of vanishing from it). Classes with few observations are shrunk toward
 the pooled estimate of all classes (``prior`` pseudo-observations). The score is a weighted sum over
-horizons (default 15 s, 2 min, 2 h with weights 1, 0.3, 0.03): the short horizon ranks sessions in a
-tool loop, the longer ones order the sessions that are all unlikely to come back soon.
+horizons (default 15 s, 1 min, 5 min and 2 h, with weights 1, 0.5, 0.2 and 0.03): the short horizons rank
+sessions in a tool loop, the longer ones order the sessions that are all unlikely to come back soon.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class ReturnModel:
     time.
     """
 
-    def __init__(self, horizons=(15.0, 120.0, 7200.0), weights=(1.0, 0.3, 0.03),
+    def __init__(self, horizons=(15.0, 60.0, 300.0, 7200.0), weights=(1.0, 0.5, 0.2, 0.03),
                  pace_edges=(10, 20, 40, 80, 160, 320, 640), service_edges=(5, 10, 20, 40), prior: float = 5.0):
         horizons, weights = tuple(horizons), tuple(weights)
         if not horizons or len(horizons) != len(weights):
