@@ -52,3 +52,28 @@ def fake_traces(tmp_path, monkeypatch):
     (agentic / "trace_0001.json").write_text(json.dumps(conv))
     monkeypatch.setenv("KVTRITON_AGENTIC_TRACES", str(tmp_path / "agentic"))
     return d
+
+
+@pytest.fixture
+def hydra_conf():
+    """Hydra initialised on the harness's config directory for the test (``compose`` works inside)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kvtriton.harness.config import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: small CPU matmuls with two OpenMP threads on a shared 2-core
+    machine spin against each other and other processes (a 10-20x slowdown measured); one thread is as
+    fast when the machine is idle."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

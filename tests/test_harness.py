@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from omegaconf import OmegaConf
 
 from kvtriton import harness
@@ -27,14 +26,6 @@ RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
 # Small and fast on a CPU: multi-turn conversations in the fast simulator, no W&B.
 FAST = ["workload=multiturn", "workload.params.num_sessions=12", "replay=fast", "logger=none",
         "replay.progress=false"]
-
-
-@pytest.fixture
-def hydra_conf():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def _options(group: str) -> list[str]:

@@ -17,12 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from omegaconf import OmegaConf
 
 from kvtriton.harness import store
-from kvtriton.harness.config import CONF_DIR
 
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
 FAST = ["workload=multiturn", "workload.params.num_sessions=12", "replay=fast", "logger=none",
@@ -30,14 +28,6 @@ FAST = ["workload=multiturn", "workload.params.num_sessions=12", "replay=fast", 
 # The smallest device replay: two short requests on the tiny model, on the CPU.
 DEVICE = ["workload=zipf", "workload.params.num_requests=2", "replay=device", "replay.device=cpu",
           "replay.max_input_tokens=32", "replay.max_output_tokens=1", "logger=none", "replay.progress=false"]
-
-
-@pytest.fixture
-def hydra_conf():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def _env(**extra):

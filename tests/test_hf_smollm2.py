@@ -37,15 +37,7 @@ NUM_NEW = 64
 # 2-layer interpreter case.
 LOGITS_ATOL = 1e-3
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # With two OpenMP threads on a shared 2-core machine, small CPU matmuls spin against each other and other
-    # processes (a decode step of this model measured 0.2 s on one thread, 4.5 s on two); one thread is
-    # about as fast when the machine is idle.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from kvtriton.hf import loader as hf_loader  # noqa: E402
 from kvtriton.ops._backend import INTERPRET  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Small CPU matmuls: with two OpenMP threads on a shared 2-core machine they spin against each other and
-    # other processes (a 10-20x slowdown measured); one thread is as fast when idle and robust when busy.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Logits of the paged path against SDPA, both float32 (the reference ops accumulate in float64): the tiny

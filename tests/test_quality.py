@@ -203,19 +203,6 @@ def test_eviction_holds_fewer_tokens(model_tok):
 
 # ------------------------------------------------------------------------------------------ harness
 
-@pytest.fixture
-def hydra_conf():
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from kvtriton.harness.config import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
-
-
 def test_harness_refuses_bad_quality_keys(hydra_conf):
     from hydra import compose
 
