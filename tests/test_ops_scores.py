@@ -90,6 +90,11 @@ def test_decode_and_strided_tables(backend):
     cu = torch.arange(4, dtype=torch.int32)
     assert _rel(out, _dense(q, kc, tables, lens, cu, 1 / 8)) < 1e-5
     assert torch.equal(out[1, :, 3:], torch.zeros_like(out[1, :, 3:]))           # past the sequence: 0
+    padded = torch.cat([torch.full_like(tables[:1], -1), tables])                 # a view with a storage offset
+    padded_lens = torch.cat([lens[:1], lens])
+    with ops.backend(backend):
+        off = ops.paged_attention_scores(q, kc, padded[1:], padded_lens[1:], lse)
+    assert padded[1:].storage_offset() > 0 and torch.equal(off, out)
 
 
 def test_bad_input_names_the_argument():
